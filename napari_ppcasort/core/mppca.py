@@ -1,0 +1,429 @@
+"""Mixture of probabilistic PCA models fitted by EM (Tipping & Bishop 1999).
+
+Each of the M components models a vector y in R^L as
+
+    y = W_m x + mu_m + eps,    x ~ N(0, I_K),    eps ~ N(0, sigma_m^2 I_L),
+
+so that y ~ N(mu_m, C_m) with C_m = W_m W_m^T + sigma_m^2 I_L. All products with C_m go through the
+K x K matrix S_m = W_m^T W_m + sigma_m^2 I_K (Woodbury identity and the matrix determinant lemma):
+
+    C_m^{-1}     = (I - W_m S_m^{-1} W_m^T) / sigma_m^2
+    log det C_m  = (L - K) log sigma_m^2 + log det S_m
+
+One EM iteration reads the data twice, in row chunks converted to float64: the first pass computes
+Y W (N x MK), the responsibilities (in the log domain) and the weighted sums of Y; the second pass
+accumulates Y^T (R * D W), from which the M-step gets S_m W_m without ever forming an L x L matrix
+(here S_m is the responsibility-weighted sample covariance). Time O(N L M K), memory O(N M K) beyond
+the data, and an L x L array is never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+from scipy.special import logsumexp
+
+__all__ = ["MixturePPCA", "MixtureParameters"]
+
+_LOG_2PI = np.log(2.0 * np.pi)
+_DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class MixtureParameters:
+    """A snapshot of the fitted parameters (copies, safe to keep while the model goes on learning).
+
+    Attributes
+    ----------
+    means : (M, L) float64
+    components : (M, K, L) float64, the loading matrices W_m transposed (rows are not orthonormal).
+    weights : (M,) float64, mixing proportions summing to 1.
+    noise_variance : (M,) float64, sigma_m^2 (all equal when the noise is shared).
+    """
+
+    means: np.ndarray
+    components: np.ndarray
+    weights: np.ndarray
+    noise_variance: np.ndarray
+
+    def orthonormal_components(self) -> tuple[np.ndarray, np.ndarray]:
+        """Orthonormal basis of each subspace, ordered by variance.
+
+        Returns
+        -------
+        axes : (M, K, L) float64, rows orthonormal within each subspace.
+        variances : (M, K) float64, the model variance along each axis (singular value^2 + sigma^2).
+        """
+        axes = np.empty_like(self.components)
+        variances = np.empty(self.components.shape[:2])
+        for m, loadings in enumerate(self.components):
+            _, singular, vt = np.linalg.svd(loadings, full_matrices=False)
+            axes[m] = vt
+            variances[m] = singular**2 + self.noise_variance[m]
+        return axes, variances
+
+
+class MixturePPCA:
+    """Mixture of M probabilistic PCA models of dimension K each, fitted by EM.
+
+    Parameters
+    ----------
+    n_components : int
+        M, the number of subspaces.
+    n_dims : int
+        K, the dimension of each subspace. M * K must be smaller than the data dimension L.
+    noise : {"shared", "per_component"}
+        One noise variance for all subspaces (the paper's model) or one per subspace.
+    max_iter : int
+        Iterations of :meth:`fit`.
+    tol : float
+        :meth:`fit` stops when the mean log-likelihood per sample improves by less than ``tol``.
+    random_state : int or None
+        Seed of the initialisation (k-means++ seeding on a sample, Lloyd iterations, per-cluster PCA).
+    init_sample_size : int
+        Number of samples used by the initialisation.
+    chunk_bytes : int
+        Rows are processed in float64 chunks of about this many bytes.
+
+    Attributes
+    ----------
+    means_ : (M, L) float64
+    components_ : (M, K, L) float64, W_m transposed.
+    weights_ : (M,) float64
+    noise_variance_ : (M,) float64
+    log_likelihood_ : list of float, mean log-likelihood per sample before each EM iteration.
+    n_iter_ : int, EM iterations done.
+    n_reseeded_ : int, number of times a collapsed component was re-seeded.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        n_dims: int = 10,
+        *,
+        noise: str = "shared",
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        random_state: int | None = 0,
+        init_sample_size: int = 20000,
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    ):
+        self.n_components = n_components
+        self.n_dims = n_dims
+        self.noise = noise
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.init_sample_size = init_sample_size
+        self.chunk_bytes = chunk_bytes
+
+    # ------------------------------------------------------------------ validation
+    def _check_parameters(self) -> None:
+        for name in ("n_components", "n_dims", "max_iter", "init_sample_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.noise not in ("shared", "per_component"):
+            raise ValueError(f"noise must be 'shared' or 'per_component', got {self.noise!r}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+
+    def _check_data(self, data, *, fitting: bool) -> np.ndarray:
+        data = np.asarray(data) if not isinstance(data, np.memmap) else data
+        if data.ndim != 2:
+            raise ValueError(f"data must be a 2-D array (n_samples, n_features), got shape {data.shape}")
+        if not np.issubdtype(data.dtype, np.floating):
+            data = data.astype(np.float64)
+        n_samples, n_features = data.shape
+        m, k = self.n_components, self.n_dims
+        if fitting:
+            if m * k >= n_features:
+                raise ValueError(
+                    f"n_components * n_dims = {m} * {k} = {m * k} must be smaller than the number of "
+                    f"features ({n_features}): use fewer or smaller subspaces, or more basis coefficients"
+                )
+            needed = m * (k + 1) + 1
+            if n_samples < needed:
+                raise ValueError(
+                    f"{n_samples} samples are too few for {m} subspace(s) of dimension {k}: "
+                    f"need at least n_components * (n_dims + 1) + 1 = {needed}"
+                )
+        elif hasattr(self, "means_") and n_features != self.means_.shape[1]:
+            raise ValueError(f"data has {n_features} features but the model was fitted on {self.means_.shape[1]}")
+        for start, rows in self._chunks(data):
+            finite_rows = np.isfinite(rows).all(axis=1)
+            if not finite_rows.all():
+                bad = start + int(np.flatnonzero(~finite_rows)[0])
+                raise ValueError(f"data contains NaN or infinite values (first in row {bad}); remove or fix those samples")
+        return data
+
+    def _chunk_rows(self, n_features: int) -> int:
+        return max(1, self.chunk_bytes // (8 * max(n_features, 1)))
+
+    def _chunks(self, data):
+        """Yield (start, rows as float64) over row chunks of ``data``."""
+        step = self._chunk_rows(data.shape[1])
+        for start in range(0, data.shape[0], step):
+            yield start, np.asarray(data[start : start + step], dtype=np.float64)
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, data) -> "MixturePPCA":
+        """Initialise and run EM until convergence or ``max_iter``. ``data``: (N, L) array."""
+        self.initialize(data)
+        for _ in range(self.max_iter):
+            self.step(data)
+            trace = self.log_likelihood_
+            if len(trace) >= 2 and abs(trace[-1] - trace[-2]) < self.tol * max(1.0, abs(trace[-1])):
+                break
+        return self
+
+    def initialize(self, data) -> "MixturePPCA":
+        """Set the parameters from k-means++ seeding, a few Lloyd iterations and per-cluster PCA.
+
+        Runs on a random sample of at most ``init_sample_size`` rows, so its cost does not grow with N.
+        """
+        self._check_parameters()
+        data = self._check_data(data, fitting=True)
+        rng = np.random.default_rng(self.random_state)
+        n_samples = data.shape[0]
+        sample_size = min(n_samples, self.init_sample_size)
+        rows = np.sort(rng.choice(n_samples, size=sample_size, replace=False))
+        sample = np.asarray(data[rows], dtype=np.float64)
+        labels = _kmeans(sample, self.n_components, rng, min_size=self.n_dims + 2)
+        self._set_from_clusters(sample, labels, rng)
+        self.log_likelihood_ = []
+        self.n_iter_ = 0
+        self.n_reseeded_ = 0
+        return self
+
+    def step(self, data) -> float:
+        """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
+
+        Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value
+        that EM guarantees not to decrease), also appended to ``log_likelihood_``.
+        """
+        data = self._check_data(data, fitting=False)
+        n_samples, n_features = data.shape
+        m_count, k = self.n_components, self.n_dims
+        loadings = self.components_.transpose(0, 2, 1)  # (M, L, K)
+        stacked = loadings.transpose(1, 0, 2).reshape(n_features, m_count * k)  # (L, M*K)
+
+        # Pass 1: projections, responsibilities and weighted sums of the data.
+        projections = np.empty((n_samples, m_count * k))
+        responsibilities = np.empty((n_samples, m_count))
+        weighted_sum = np.zeros((m_count, n_features))
+        weighted_sq_norm = np.zeros(m_count)
+        total_log_likelihood = 0.0
+        for start, rows in self._chunks(data):
+            stop = start + rows.shape[0]
+            proj = rows @ stacked
+            log_dens = self._log_densities(rows, proj)
+            log_norm = logsumexp(log_dens, axis=1)
+            resp = np.exp(log_dens - log_norm[:, None])
+            projections[start:stop] = proj
+            responsibilities[start:stop] = resp
+            weighted_sum += resp.T @ rows
+            weighted_sq_norm += resp.T @ np.einsum("ij,ij->i", rows, rows)
+            total_log_likelihood += float(log_norm.sum())
+
+        totals = responsibilities.sum(axis=0)  # N_m
+        collapsed = totals < (k + 1)
+        safe_totals = np.where(collapsed, 1.0, totals)
+        new_means = weighted_sum / safe_totals[:, None]
+
+        # Pass 2: S_m W_m = (1/N_m) sum_i R_im (y_i - mu_m)(y_i - mu_m)^T W_m, without an L x L matrix.
+        centred_proj = projections.reshape(n_samples, m_count, k) - np.einsum("ml,mlk->mk", new_means, loadings)
+        weighted_proj = (centred_proj * responsibilities[:, :, None]).reshape(n_samples, m_count * k)
+        cross = np.zeros((n_features, m_count * k))
+        for start, rows in self._chunks(data):
+            cross += rows.T @ weighted_proj[start : start + rows.shape[0]]
+        cross = cross.reshape(n_features, m_count, k).transpose(1, 0, 2)  # (M, L, K)
+        weighted_proj_sum = weighted_proj.sum(axis=0).reshape(m_count, k)
+        cov_loadings = (cross - new_means[:, :, None] * weighted_proj_sum[:, None, :]) / safe_totals[:, None, None]
+        # trace(S_m) = (1/N_m) sum_i R_im |y_i - mu_m|^2
+        cov_traces = weighted_sq_norm / safe_totals - np.einsum("ml,ml->m", new_means, new_means)
+
+        new_loadings = np.empty_like(loadings)
+        residual_variance = np.empty(m_count)
+        for m in range(m_count):
+            sigma2 = self.noise_variance_[m]
+            inner = loadings[m].T @ loadings[m] + sigma2 * np.eye(k)  # K x K
+            inner_chol = linalg.cho_factor(inner)
+            inner_inv_wtsw = linalg.cho_solve(inner_chol, loadings[m].T @ cov_loadings[m])
+            # W_new = S W (sigma^2 I + M^-1 W^T S W)^-1  (Tipping & Bishop 1999, eq. 29)
+            new_loadings[m] = linalg.solve((sigma2 * np.eye(k) + inner_inv_wtsw).T, cov_loadings[m].T).T
+            # sigma^2_new = (1/L) tr(S - S W M^-1 W_new^T)
+            explained = np.einsum("lk,lk->", cov_loadings[m], linalg.cho_solve(inner_chol, new_loadings[m].T).T)
+            residual_variance[m] = (cov_traces[m] - explained) / n_features
+
+        new_weights = totals / n_samples
+        floor = 1e-10 * max(float(np.max(cov_traces)) / n_features, 1e-300)
+        if self.noise == "shared":
+            valid = ~collapsed
+            pooled = np.sum(new_weights[valid] * residual_variance[valid]) / max(new_weights[valid].sum(), 1e-300)
+            residual_variance[:] = pooled
+        residual_variance = np.maximum(residual_variance, floor)
+
+        self.means_ = np.where(collapsed[:, None], self.means_, new_means)
+        self.components_ = np.where(collapsed[:, None, None], self.components_, new_loadings.transpose(0, 2, 1))
+        self.noise_variance_ = np.where(collapsed, self.noise_variance_, residual_variance)
+        self.weights_ = new_weights
+        if collapsed.any():
+            self._reseed(data, np.flatnonzero(collapsed))
+        self.weights_ = self.weights_ / self.weights_.sum()
+
+        mean_log_likelihood = total_log_likelihood / n_samples
+        self.log_likelihood_.append(mean_log_likelihood)
+        self.n_iter_ += 1
+        return mean_log_likelihood
+
+    def score_samples(self, data) -> np.ndarray:
+        """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
+        return logsumexp(self._log_densities_all(data), axis=1)
+
+    def predict_proba(self, data) -> np.ndarray:
+        """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
+        log_dens = self._log_densities_all(data)
+        return np.exp(log_dens - logsumexp(log_dens, axis=1, keepdims=True))
+
+    def score(self, data) -> float:
+        """Mean log-likelihood per sample."""
+        return float(self.score_samples(data).mean())
+
+    def parameters(self) -> MixtureParameters:
+        """A copy of the current parameters."""
+        return MixtureParameters(
+            means=self.means_.copy(),
+            components=self.components_.copy(),
+            weights=self.weights_.copy(),
+            noise_variance=self.noise_variance_.copy(),
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _log_densities_all(self, data) -> np.ndarray:
+        data = self._check_data(data, fitting=False)
+        stacked = self.components_.transpose(2, 0, 1).reshape(data.shape[1], -1)
+        out = np.empty((data.shape[0], self.n_components))
+        for start, rows in self._chunks(data):
+            out[start : start + rows.shape[0]] = self._log_densities(rows, rows @ stacked)
+        return out
+
+    def _log_densities(self, rows: np.ndarray, projections: np.ndarray) -> np.ndarray:
+        """log pi_m + log N(y_i | mu_m, C_m) for a chunk: rows (c, L), projections = rows @ W_all (c, M*K)."""
+        n_features = rows.shape[1]
+        k = self.n_dims
+        sq_norms = np.einsum("ij,ij->i", rows, rows)
+        mean_dots = rows @ self.means_.T  # (c, M)
+        out = np.empty((rows.shape[0], self.n_components))
+        for m in range(self.n_components):
+            loadings_t = self.components_[m]  # (K, L)
+            sigma2 = self.noise_variance_[m]
+            inner = loadings_t @ loadings_t.T + sigma2 * np.eye(k)
+            chol = linalg.cholesky(inner, lower=True)
+            centred = projections[:, m * k : (m + 1) * k] - loadings_t @ self.means_[m]  # W^T (y - mu)
+            whitened = linalg.solve_triangular(chol, centred.T, lower=True)  # L^-1 W^T d
+            sq_dist = sq_norms - 2.0 * mean_dots[:, m] + self.means_[m] @ self.means_[m]
+            mahalanobis = np.maximum(sq_dist - np.einsum("ki,ki->i", whitened, whitened), 0.0) / sigma2
+            log_det = (n_features - k) * np.log(sigma2) + 2.0 * np.log(np.diag(chol)).sum()
+            out[:, m] = np.log(self.weights_[m]) - 0.5 * (n_features * _LOG_2PI + log_det + mahalanobis)
+        return out
+
+    def _set_from_clusters(self, sample: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> None:
+        """Maximum-likelihood PPCA of each cluster (Tipping & Bishop 1999, eq. 7-8)."""
+        m_count, k = self.n_components, self.n_dims
+        n_features = sample.shape[1]
+        self.means_ = np.empty((m_count, n_features))
+        self.components_ = np.empty((m_count, k, n_features))
+        self.noise_variance_ = np.empty(m_count)
+        self.weights_ = np.empty(m_count)
+        for m in range(m_count):
+            members = sample[labels == m]
+            self.means_[m], self.components_[m], self.noise_variance_[m] = _ppca_fit(members, k, rng)
+            self.weights_[m] = members.shape[0]
+        self.weights_ /= self.weights_.sum()
+        if self.noise == "shared":
+            self.noise_variance_[:] = self.weights_ @ self.noise_variance_
+
+    def _reseed(self, data, collapsed: np.ndarray) -> None:
+        """Restart collapsed components on the samples the other components explain worst."""
+        rng = np.random.default_rng(None if self.random_state is None else self.random_state + 7919 * (self.n_iter_ + 1))
+        n_samples = data.shape[0]
+        log_lik = self.score_samples(data) if n_samples <= self.init_sample_size else None
+        for m in collapsed:
+            if log_lik is not None:
+                candidates = np.argsort(log_lik)[: max(self.n_dims + 2, n_samples // (4 * self.n_components))]
+            else:
+                candidates = rng.choice(n_samples, size=min(n_samples, self.init_sample_size), replace=False)
+            members = np.asarray(data[np.sort(candidates)], dtype=np.float64)
+            self.means_[m], self.components_[m], sigma2 = _ppca_fit(members, self.n_dims, rng)
+            self.noise_variance_[m] = self.noise_variance_[m] if self.noise == "shared" else sigma2
+            self.weights_[m] = 1.0 / self.n_components
+            self.n_reseeded_ += 1
+
+
+def _ppca_fit(members: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """ML PPCA of ``members`` (n, L): mean (L,), loadings W^T (K, L), noise variance."""
+    n, n_features = members.shape
+    mean = members.mean(axis=0)
+    centred = members - mean
+    total_variance = float(np.einsum("ij,ij->", centred, centred)) / max(n, 1)
+    if n > k:
+        _, singular, vt = _randomized_svd(centred, k, rng)
+        eigenvalues = singular**2 / n
+    else:  # too few points: random orientation, isotropic variance
+        vt = np.linalg.qr(rng.standard_normal((n_features, k)))[0].T
+        eigenvalues = np.full(k, total_variance / n_features)
+    sigma2 = max((total_variance - eigenvalues.sum()) / (n_features - k), 1e-12 * max(total_variance, 1e-300))
+    scales = np.sqrt(np.maximum(eigenvalues - sigma2, 1e-3 * sigma2))
+    return mean, scales[:, None] * vt, sigma2
+
+
+def _randomized_svd(matrix: np.ndarray, rank: int, rng: np.random.Generator, n_oversamples: int = 10, n_iter: int = 4):
+    """Top ``rank`` singular triplets of ``matrix`` (n, L) by a randomized range finder (Halko et al. 2011)."""
+    n, n_features = matrix.shape
+    width = min(rank + n_oversamples, n, n_features)
+    basis = matrix @ rng.standard_normal((n_features, width))
+    for _ in range(n_iter):
+        basis, _ = np.linalg.qr(basis)
+        basis, _ = np.linalg.qr(matrix.T @ basis)
+        basis = matrix @ basis
+    basis, _ = np.linalg.qr(basis)
+    u_small, singular, vt = np.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ u_small)[:, :rank], singular[:rank], vt[:rank]
+
+
+def _kmeans(sample: np.ndarray, n_clusters: int, rng: np.random.Generator, min_size: int, n_iter: int = 10) -> np.ndarray:
+    """Cluster labels of ``sample`` (n, L) by k-means++ seeding (Arthur & Vassilvitskii 2007) and Lloyd steps.
+
+    A cluster left with fewer than ``min_size`` members takes the ``min_size`` samples nearest its centre,
+    so that every cluster can be given a PCA.
+    """
+    n = sample.shape[0]
+    if n_clusters == 1:
+        return np.zeros(n, dtype=np.intp)
+    sq_norms = np.einsum("ij,ij->i", sample, sample)
+    centres = [sample[rng.integers(n)]]
+    closest = np.maximum(sq_norms - 2 * sample @ centres[0] + centres[0] @ centres[0], 0.0)
+    for _ in range(1, n_clusters):
+        candidates = rng.choice(n, size=2 + int(np.log(n_clusters)), p=closest / closest.sum())
+        # greedy k-means++: of a few candidates, keep the one that lowers the potential most
+        candidate_dists = np.maximum(
+            sq_norms[:, None] - 2 * sample @ sample[candidates].T + sq_norms[candidates][None, :], 0.0
+        )
+        best = np.argmin(np.minimum(closest[:, None], candidate_dists).sum(axis=0))
+        centres.append(sample[candidates[best]])
+        closest = np.minimum(closest, candidate_dists[:, best])
+    centres = np.array(centres)
+    labels = np.zeros(n, dtype=np.intp)
+    for _ in range(n_iter):
+        dists = sq_norms[:, None] - 2 * sample @ centres.T + np.einsum("ij,ij->i", centres, centres)[None, :]
+        labels = np.argmin(dists, axis=1)
+        for c in range(n_clusters):
+            members = labels == c
+            if members.any():
+                centres[c] = sample[members].mean(axis=0)
+    for c in np.flatnonzero(np.bincount(labels, minlength=n_clusters) < min_size):
+        labels[np.argsort(dists[:, c])[:min_size]] = c
+    return labels
