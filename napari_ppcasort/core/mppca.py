@@ -23,9 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
-from scipy.special import logsumexp
 
 __all__ = ["MixturePPCA", "MixtureParameters"]
+
+
+def _logsumexp(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp(values), axis=1)) of a (n, M) array, without overflow."""
+    peak = values.max(axis=1)
+    return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
 
 _LOG_2PI = np.log(2.0 * np.pi)
 _DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -130,7 +135,7 @@ class MixturePPCA:
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
 
-    def _check_data(self, data, *, fitting: bool) -> np.ndarray:
+    def _check_data(self, data, *, fitting: bool, check_finite: bool = True) -> np.ndarray:
         data = np.asarray(data) if not isinstance(data, np.memmap) else data
         if data.ndim != 2:
             raise ValueError(f"data must be a 2-D array (n_samples, n_features), got shape {data.shape}")
@@ -152,7 +157,7 @@ class MixturePPCA:
                 )
         elif hasattr(self, "means_") and n_features != self.means_.shape[1]:
             raise ValueError(f"data has {n_features} features but the model was fitted on {self.means_.shape[1]}")
-        for start, rows in self._chunks(data):
+        for start, rows in self._chunks(data) if check_finite else ():
             finite_rows = np.isfinite(rows).all(axis=1)
             if not finite_rows.all():
                 bad = start + int(np.flatnonzero(~finite_rows)[0])
@@ -163,10 +168,21 @@ class MixturePPCA:
         return max(1, self.chunk_bytes // (8 * max(n_features, 1)))
 
     def _chunks(self, data):
-        """Yield (start, rows as float64) over row chunks of ``data``."""
+        """Yield (start, rows) over row chunks of ``data`` as float64.
+
+        The rows are a view into one reused buffer (or into ``data`` itself if it is float64 already),
+        valid until the next chunk is yielded.
+        """
         step = self._chunk_rows(data.shape[1])
+        if data.dtype == np.float64:
+            for start in range(0, data.shape[0], step):
+                yield start, np.asarray(data[start : start + step])
+            return
+        buffer = np.empty((min(step, data.shape[0]), data.shape[1]))
         for start in range(0, data.shape[0], step):
-            yield start, np.asarray(data[start : start + step], dtype=np.float64)
+            rows = buffer[: min(step, data.shape[0] - start)]
+            np.copyto(rows, data[start : start + step])
+            yield start, rows
 
     # ------------------------------------------------------------------ public API
     def fit(self, data) -> "MixturePPCA":
@@ -202,9 +218,10 @@ class MixturePPCA:
         """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
 
         Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value
-        that EM guarantees not to decrease), also appended to ``log_likelihood_``.
+        that EM guarantees not to decrease), also appended to ``log_likelihood_``. The data are checked
+        for NaN and infinite values by :meth:`initialize`, not again here.
         """
-        data = self._check_data(data, fitting=False)
+        data = self._check_data(data, fitting=False, check_finite=False)
         n_samples, n_features = data.shape
         m_count, k = self.n_components, self.n_dims
         loadings = self.components_.transpose(0, 2, 1)  # (M, L, K)
@@ -219,13 +236,14 @@ class MixturePPCA:
         for start, rows in self._chunks(data):
             stop = start + rows.shape[0]
             proj = rows @ stacked
-            log_dens = self._log_densities(rows, proj)
-            log_norm = logsumexp(log_dens, axis=1)
+            sq_norms = np.einsum("ij,ij->i", rows, rows)
+            log_dens = self._log_densities(rows, sq_norms, proj)
+            log_norm = _logsumexp(log_dens)
             resp = np.exp(log_dens - log_norm[:, None])
             projections[start:stop] = proj
             responsibilities[start:stop] = resp
             weighted_sum += resp.T @ rows
-            weighted_sq_norm += resp.T @ np.einsum("ij,ij->i", rows, rows)
+            weighted_sq_norm += resp.T @ sq_norms
             total_log_likelihood += float(log_norm.sum())
 
         totals = responsibilities.sum(axis=0)  # N_m
@@ -250,12 +268,12 @@ class MixturePPCA:
         for m in range(m_count):
             sigma2 = self.noise_variance_[m]
             inner = loadings[m].T @ loadings[m] + sigma2 * np.eye(k)  # K x K
-            inner_chol = linalg.cho_factor(inner)
-            inner_inv_wtsw = linalg.cho_solve(inner_chol, loadings[m].T @ cov_loadings[m])
+            inner_chol = linalg.cho_factor(inner, check_finite=False)
+            inner_inv_wtsw = linalg.cho_solve(inner_chol, loadings[m].T @ cov_loadings[m], check_finite=False)
             # W_new = S W (sigma^2 I + M^-1 W^T S W)^-1  (Tipping & Bishop 1999, eq. 29)
             new_loadings[m] = linalg.solve((sigma2 * np.eye(k) + inner_inv_wtsw).T, cov_loadings[m].T).T
             # sigma^2_new = (1/L) tr(S - S W M^-1 W_new^T)
-            explained = np.einsum("lk,lk->", cov_loadings[m], linalg.cho_solve(inner_chol, new_loadings[m].T).T)
+            explained = np.trace(linalg.cho_solve(inner_chol, new_loadings[m].T @ cov_loadings[m], check_finite=False))
             residual_variance[m] = (cov_traces[m] - explained) / n_features
 
         new_weights = totals / n_samples
@@ -281,12 +299,12 @@ class MixturePPCA:
 
     def score_samples(self, data) -> np.ndarray:
         """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
-        return logsumexp(self._log_densities_all(data), axis=1)
+        return _logsumexp(self._log_densities_all(data))
 
     def predict_proba(self, data) -> np.ndarray:
         """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
         log_dens = self._log_densities_all(data)
-        return np.exp(log_dens - logsumexp(log_dens, axis=1, keepdims=True))
+        return np.exp(log_dens - _logsumexp(log_dens)[:, None])
 
     def score(self, data) -> float:
         """Mean log-likelihood per sample."""
@@ -307,23 +325,26 @@ class MixturePPCA:
         stacked = self.components_.transpose(2, 0, 1).reshape(data.shape[1], -1)
         out = np.empty((data.shape[0], self.n_components))
         for start, rows in self._chunks(data):
-            out[start : start + rows.shape[0]] = self._log_densities(rows, rows @ stacked)
+            sq_norms = np.einsum("ij,ij->i", rows, rows)
+            out[start : start + rows.shape[0]] = self._log_densities(rows, sq_norms, rows @ stacked)
         return out
 
-    def _log_densities(self, rows: np.ndarray, projections: np.ndarray) -> np.ndarray:
-        """log pi_m + log N(y_i | mu_m, C_m) for a chunk: rows (c, L), projections = rows @ W_all (c, M*K)."""
+    def _log_densities(self, rows: np.ndarray, sq_norms: np.ndarray, projections: np.ndarray) -> np.ndarray:
+        """log pi_m + log N(y_i | mu_m, C_m) for a chunk.
+
+        rows (c, L); sq_norms (c,) their squared norms; projections = rows @ W_all, (c, M*K).
+        """
         n_features = rows.shape[1]
         k = self.n_dims
-        sq_norms = np.einsum("ij,ij->i", rows, rows)
         mean_dots = rows @ self.means_.T  # (c, M)
         out = np.empty((rows.shape[0], self.n_components))
         for m in range(self.n_components):
             loadings_t = self.components_[m]  # (K, L)
             sigma2 = self.noise_variance_[m]
             inner = loadings_t @ loadings_t.T + sigma2 * np.eye(k)
-            chol = linalg.cholesky(inner, lower=True)
+            chol = linalg.cholesky(inner, lower=True, check_finite=False)
             centred = projections[:, m * k : (m + 1) * k] - loadings_t @ self.means_[m]  # W^T (y - mu)
-            whitened = linalg.solve_triangular(chol, centred.T, lower=True)  # L^-1 W^T d
+            whitened = linalg.solve_triangular(chol, centred.T, lower=True, check_finite=False)  # L^-1 W^T d
             sq_dist = sq_norms - 2.0 * mean_dots[:, m] + self.means_[m] @ self.means_[m]
             mahalanobis = np.maximum(sq_dist - np.einsum("ki,ki->i", whitened, whitened), 0.0) / sigma2
             log_det = (n_features - k) * np.log(sigma2) + 2.0 * np.log(np.diag(chol)).sum()
