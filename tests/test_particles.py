@@ -235,10 +235,14 @@ def test_write_then_read_keeps_columns_unknown_labels_row_order_and_images(tmp_p
         with open_particles(written[1]) as subset:
             original = particles.table.iloc[kept].reset_index(drop=True)
             table = subset.table
-            assert list(table.columns) == list(original.columns) + ["ppcasortScore", "ppcasortRound"]
+            assert list(table.columns) == list(original.columns) + ["ppcasortSourceImageName", "ppcasortScore",
+                                                                    "ppcasortRound"]
             other = [c for c in original.columns if c != "rlnImageName"]
             pd.testing.assert_frame_equal(table[other], original[other])
-            assert table["rlnImageName"].tolist() == [f"{k:06d}@kept.mrcs" for k in range(1, 8)]
+            assert table["ppcasortSourceImageName"].tolist() == original["rlnImageName"].tolist()
+            # outside the working directory, the new stack is named by its absolute path
+            stack = (tmp_path / "out" / "kept.mrcs").resolve().as_posix()
+            assert table["rlnImageName"].tolist() == [f"{k:06d}@{stack}" for k in range(1, 8)]
             np.testing.assert_array_equal(table["ppcasortScore"], scores[kept])
             np.testing.assert_array_equal(table["ppcasortRound"], rounds[kept])
             np.testing.assert_array_equal(subset.read(np.arange(7)), particles.read(kept))
@@ -247,6 +251,18 @@ def test_write_then_read_keeps_columns_unknown_labels_row_order_and_images(tmp_p
         assert float(mrc.voxel_size.x) == pytest.approx(1.0)
         assert float(mrc.header.dmean) == pytest.approx(float(mrc.data.mean()), abs=1e-5)
         assert float(mrc.header.rms) == pytest.approx(float(mrc.data.std()), rel=1e-4)
+
+
+def test_image_names_are_relative_to_the_project_folder(tmp_path, monkeypatch):
+    """RELION resolves image names from the folder it runs in: name the stack relative to it."""
+    monkeypatch.chdir(tmp_path)
+    with open_particles(TOY / "toy_projections.star") as particles:
+        written = write_particles(particles, [5, 6], Path("PPCAsort") / "job001", "kept")
+        assert starfile.read(written[1])["rlnImageName"].tolist() == [
+            "000001@PPCAsort/job001/kept.mrcs", "000002@PPCAsort/job001/kept.mrcs"]
+        monkeypatch.chdir(tmp_path / "PPCAsort")  # and our reader still finds it from elsewhere
+        with open_particles(tmp_path / written[1]) as subset:
+            np.testing.assert_array_equal(subset.read([0, 1]), particles.read([5, 6]))
 
 
 @pytest.mark.parametrize("star", [RELION31 / "relion31.star", RELION5 / "relion5.star",

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-__all__ = ["MixturePPCA", "MixtureParameters"]
+__all__ = ["MixturePPCA", "MixtureParameters", "NOISE_MODELS"]
+
+NOISE_MODELS = ("shared", "per_component")
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:
@@ -130,8 +132,8 @@ class MixturePPCA:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.noise not in ("shared", "per_component"):
-            raise ValueError(f"noise must be 'shared' or 'per_component', got {self.noise!r}")
+        if self.noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {self.noise!r}")
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
 

@@ -611,20 +611,23 @@ def _stack_view(mrc: mrcfile.mrcmemmap.MrcMemmap, path: Path) -> np.ndarray:
 # -- writing -------------------------------------------------------------------------------------------
 
 def write_particles(particles: ParticleSet, indices, out_dir, name: str,
-                    extra_columns: dict[str, np.ndarray] | None = None, images=None) -> list[Path]:
+                    extra_columns: dict[str, np.ndarray] | None = None, images=None,
+                    image_root=None) -> list[Path]:
     """Write a subset of a particle set as a new, self-contained particle set.
 
     The subset is written in the original row order (``indices`` are sorted; a repeated index is
     written once).
 
     * STAR or stack input: ``out_dir/name.mrcs``, a new float32 stack with the voxel size set to the pixel
-      size, and ``out_dir/name.star``, whose ``rlnImageName`` entries point at it (``000001@name.mrcs``,
-      relative to the STAR file). The STAR keeps every block of the input (the optics table unchanged),
-      every original column (unknown labels too) and the original row order, and adds ``extra_columns``
-      under the given names (no ``rln`` prefix: RELION ignores labels it does not know; an existing
-      column of that name is replaced). Floats are written with full precision. RELION itself resolves
-      image names relative to the folder it runs in (its project folder), so RELION finds the new stack
-      when ``out_dir`` is that folder.
+      size, and ``out_dir/name.star``, whose ``rlnImageName`` entries point at it. RELION resolves image
+      names from the folder it runs in (its project folder), so the stack is named relative to
+      ``image_root`` (default: the current working directory, where RELION users run commands), e.g.
+      ``000001@PPCAsort/job001/name.mrcs``, or by its absolute path when it is not inside ``image_root``.
+      :func:`open_particles` finds it either way. The original image name of each particle is kept in
+      the column ``ppcasortSourceImageName``. The STAR keeps every block of the input (the optics table
+      unchanged), every original column (unknown labels too) and the original row order, and adds
+      ``extra_columns`` under the given names (no ``rln`` prefix: RELION keeps labels it does not know;
+      an existing column of that name is replaced). Floats are written with full precision.
     * cs input: ``out_dir/name.cs``, the subset of :attr:`ParticleSet.records` with the same dtype, so
       ``blob/path`` and ``blob/idx`` still point at the original stacks. ``extra_columns`` and
       ``images`` are not written into a ``.cs`` file (cryoSPARC fields have a fixed schema).
@@ -641,6 +644,7 @@ def write_particles(particles: ParticleSet, indices, out_dir, name: str,
             (values for ALL particles of the input, in original order; the subset is taken here).
         images: optional (n_particles, box_size, box_size) array (e.g. a memory map of processed
             images), indexed by original particle, written instead of the images read from the input.
+        image_root: folder the STAR's image names are relative to (default: the current working directory).
 
     Returns:
         The written paths: [name.mrcs, name.star] or [name.cs].
@@ -684,13 +688,23 @@ def write_particles(particles: ParticleSet, indices, out_dir, name: str,
         else:
             temporaries = [_temporary_path(outputs[0]), _temporary_path(outputs[1])]
             _write_stack(particles, keep, images, temporaries[0])
-            _write_star(particles, keep, extra_columns, outputs[0].name, temporaries[1])
+            _write_star(particles, keep, extra_columns, _image_path_name(outputs[0], image_root), temporaries[1])
         for temporary, output in zip(temporaries, outputs):
             os.replace(temporary, output)
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
     return outputs
+
+
+def _image_path_name(stack: Path, image_root) -> str:
+    """How a STAR names ``stack``: relative to ``image_root`` (default: the working directory) or absolute."""
+    stack = stack.resolve()
+    root = Path(image_root if image_root is not None else Path.cwd()).resolve()
+    try:
+        return stack.relative_to(root).as_posix()
+    except ValueError:
+        return stack.as_posix()
 
 
 def _refuse_overwriting_inputs(particles: ParticleSet, outputs: list[Path]) -> None:
@@ -734,6 +748,8 @@ def _write_star(particles: ParticleSet, keep: np.ndarray, extra_columns: dict[st
                 stack_name: str, path: Path) -> None:
     """Write the STAR file of the subset ``keep``, its images numbered 1.. in ``stack_name``."""
     table = particles.table.iloc[keep].reset_index(drop=True)
+    if "rlnImageName" in table.columns:
+        table["ppcasortSourceImageName"] = table["rlnImageName"]
     table["rlnImageName"] = [f"{k:06d}@{stack_name}" for k in range(1, keep.size + 1)]
     for column, values in extra_columns.items():
         table[column] = np.asarray(values)[keep]

@@ -1,0 +1,337 @@
+"""The ``ppcasort`` command line, run as a subprocess the way a user runs it."""
+
+import csv
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import matplotlib.image
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from napari_ppcasort import __version__
+from napari_ppcasort.cli import main
+from napari_ppcasort.core.particles import open_particles
+from napari_ppcasort.core.pipeline import SortSettings
+from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TOY = DATA / "cryodrgn_toy_projections_sim1000" / "toy_projections.star"
+EMPIAR = DATA / "cryodrgn_empiar10076_real7"
+VOLUME = DATA / "aspire_70s_ribosome_vol65" / "clean70SRibosome_vol_65p.mrc"
+# Small settings so a sort of the 1000 toy images (30 px, noise-free: nothing to normalise) takes seconds.
+# Counts below follow from alpha and the rounds, given explicitly so that changing the product defaults does not
+# change them.
+TOY_SETTINGS = ["--no-normalize", "--n-coefficients", "40", "--total-dimension", "12", "--alpha", "0.05",
+                "--n-rounds", "2", "--iterations-per-round", "2"]
+TINY_SETTINGS = ["--n-subspaces", "1", "--total-dimension", "2", "--n-coefficients", "4", "--alpha", "0.05",
+                 "--n-rounds", "2"]
+COMMAND = [sys.executable, "-m", "napari_ppcasort.cli"]
+
+
+def run(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*COMMAND, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def assert_png(path, min_side=500):
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) >= min_side
+    assert image[..., :3].std() > 0.05  # not a blank page
+
+
+# -- sort ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_sort(tmp_path_factory):
+    """One sort of the toy projections; (output folder, completed process)."""
+    out = tmp_path_factory.mktemp("toy") / "sorted"
+    return out, run("sort", TOY, "-o", out, *TOY_SETTINGS)
+
+
+def test_sort_writes_readable_kept_and_rejected_sets_scores_parameters_and_report(toy_sort):
+    out, result = toy_sort
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # quiet in a pipe
+    assert re.fullmatch(rf"kept 902 of 1000 particles \(90\.2%\) after 2 pruning rounds; wrote .*report\.png "
+                        rf"to {re.escape(str(out))}\n", result.stdout)
+
+    with open(out / "scores.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["index"]) for row in rows] == list(range(1000))
+    kept_rows = [int(row["index"]) for row in rows if row["kept"] == "1"]
+    assert len(kept_rows) == 902
+    assert all((row["removal_round"] == "0") == (row["kept"] == "1") for row in rows)
+
+    with open_particles(TOY) as source, open_particles(out / "kept.star") as kept, \
+            open_particles(out / "rejected.star") as rejected:
+        assert (kept.n_particles, rejected.n_particles) == (902, 98)
+        assert kept.box_size == rejected.box_size == 30
+        np.testing.assert_array_equal(kept.read(np.arange(902)), source.read(kept_rows))
+        scores = np.array([float(row["score"]) for row in rows])
+        np.testing.assert_allclose(kept.table["ppcasortScore"].to_numpy(float), scores[kept_rows])
+        assert rejected.table["ppcasortRound"].isin([1, 2]).all()
+
+    parameters = json.loads((out / "parameters.json").read_text())
+    expected = SortSettings(normalize=False, n_coefficients=40, total_dimension=12, alpha=0.05, n_rounds=2,
+                            iterations_per_round=2)
+    assert parameters["settings"] == expected.to_dict()
+    assert (parameters["n_particles"], parameters["n_kept"], parameters["rounds"]) == (1000, 902, 2)
+    assert_png(out / "report.png")
+
+
+def test_existing_results_are_refused_then_replaced_with_force_and_settings_file(toy_sort):
+    out, first = toy_sort
+    assert first.returncode == 0, first.stderr
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    refused = run("sort", TOY, "-o", out, *TOY_SETTINGS)
+    assert_one_line_error(refused, r"already holds results \(.*kept\.star.*\).*--force")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+    # with --force, on a terminal: a bar per round; the settings of the earlier run, one of them changed
+    stderr, stdout, returncode = run_on_terminal("sort", TOY, "-o", out, "--settings", out / "parameters.json",
+                                                 "--n-rounds", "1", "--force")
+    assert returncode == 0, stderr
+    assert "kept 950 of 1000 particles (95.0%) after 1 pruning round;" in stdout
+    assert "\r" in stderr and re.search(r"coefficients \[#+\] 1000 images x 40 PCA", stderr)
+    assert re.search(r"round 1/1 \[#{16}\] kept 950/1000 \(95\.0%\)", stderr)
+    settings = json.loads((out / "parameters.json").read_text())["settings"]
+    assert settings == {**json.loads(before["parameters.json"])["settings"], "n_rounds": 1}
+    with open_particles(out / "kept.star") as kept:
+        assert kept.n_particles == 950
+
+
+def run_on_terminal(*args) -> tuple[str, str, int]:
+    """Run the CLI with stderr on a pseudo-terminal; return (stderr, stdout, exit code)."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([*COMMAND, *map(str, args)], stderr=terminal, stdout=subprocess.PIPE, text=True)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed (Linux raises EIO)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    stdout = process.stdout.read()
+    process.stdout.close()
+    return b"".join(chunks).decode(), stdout, process.wait(timeout=300)
+
+
+def test_cryosparc_sort_writes_cs_subsets_and_a_line_per_round_when_verbose(tmp_path):
+    result = run("sort", EMPIAR / "empiar_10076_7.cs", "-o", tmp_path, *TINY_SETTINGS, "--box-size", "32", "-v")
+    assert result.returncode == 0, result.stderr
+    assert re.findall(r"^round (\d)/2: kept (\d) of 7", result.stderr, re.MULTILINE) == [("1", "6"), ("2", "5")]
+    assert "\r" not in result.stderr
+    kept = np.load(tmp_path / "kept.cs")
+    rejected = np.load(tmp_path / "rejected.cs")
+    original = np.load(EMPIAR / "empiar_10076_7.cs")
+    assert kept.dtype == original.dtype and (kept.size, rejected.size) == (5, 2)
+    assert sorted(kept["uid"].tolist() + rejected["uid"].tolist()) == sorted(original["uid"].tolist())
+    assert_png(tmp_path / "report.png")
+
+
+def test_inputs_in_the_output_folder_are_never_overwritten_even_with_force(tmp_path):
+    # a particle set named like an output, in the output folder
+    starfile.write(starfile.read(TOY, always_dict=True), tmp_path / "kept.star")
+    (tmp_path / "toy_projections.mrcs").symlink_to(TOY.with_suffix(".mrcs"))
+    star_before = (tmp_path / "kept.star").read_bytes()
+    assert_one_line_error(run("sort", tmp_path / "kept.star", "-o", tmp_path, *TOY_SETTINGS), r"--force")
+    result = run("sort", tmp_path / "kept.star", "-o", tmp_path, *TOY_SETTINGS, "--n-rounds", "1", "--force")
+    assert_one_line_error(result, r"kept\.(star|mrcs): refusing to overwrite an input file")
+    assert (tmp_path / "kept.star").read_bytes() == star_before
+
+
+# -- bad input: exit 2 and one line --------------------------------------------------------------------------
+
+
+def write_stack(path, images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # header statistics of NaN pixels
+        with mrcfile.new(path, data=images, overwrite=True) as mrc:
+            mrc.set_image_stack()
+    return path
+
+
+def write_star(path, image_names, optics=None):
+    blocks = {"particles": pd.DataFrame({"rlnImageName": image_names, "rlnOpticsGroup": 1})}
+    if optics is not None:
+        blocks = {"optics": pd.DataFrame(optics), **blocks}
+    starfile.write(blocks, path)
+    return path
+
+
+BAD_INPUT_CASES = [
+    "missing file", "unknown type", "not an MRC", "truncated MRC", "volume", "STAR, stack missing",
+    "STAR, stack missing, box known", "index out of range", "NaN pixels", "constant background", "alpha 1.5",
+    "alpha not a number", "no stopping rule", "unknown basis", "dimension above the basis", "too few images",
+    "output is a file", "settings file missing", "settings file not JSON", "no input", "no command",
+    "volume is a stack", "no particles"]
+
+
+def bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
+    """Name -> (command line arguments, pattern of the one-line message)."""
+    text = folder / "text.mrcs"
+    text.write_text("data_particles\nloop_\n_rlnImageName #1\n" * 100)
+    truncated = write_stack(folder / "cut.mrcs", np.zeros((5, 16, 16), dtype=np.float32))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    lost = write_star(folder / "lost.star", ["1@gone.mrcs", "2@gone.mrcs"])
+    lost_with_box = write_star(folder / "lost31.star", ["1@gone.mrcs", "2@gone.mrcs"],
+                               {"rlnOpticsGroup": [1], "rlnImageSize": [64], "rlnImagePixelSize": [1.5]})
+    stack = EMPIAR / "empiar_10076_7.mrc"
+    out_of_range = write_star(folder / "range.star", [f"7@{stack}", f"8@{stack}"])
+    images = np.random.default_rng(0).normal(size=(30, 16, 16)).astype(np.float32)
+    images[12, 3, 4] = np.nan
+    nan_stack = write_stack(folder / "nan.mrcs", images)
+    (folder / "notes.txt").write_text("hello")
+    (folder / "a_file").write_text("")
+    out = folder / "out"
+    return {
+        "missing file": (["sort", folder / "nope.star", "-o", out], r"nope\.star: no such file"),
+        "unknown type": (["sort", folder / "notes.txt", "-o", out], r"notes\.txt: unknown file type"),
+        "not an MRC": (["sort", text, "-o", out], r"text\.mrcs: not .*MRC"),
+        "truncated MRC": (["sort", truncated, "-o", out], r"cut\.mrcs: truncated MRC file"),
+        "volume": (["sort", VOLUME, "-o", out], r"clean70SRibosome_vol_65p\.mrc: is a 3-D volume"),
+        "STAR, stack missing": (["sort", lost, "-o", out], r"gone\.mrcs not found"),
+        "STAR, stack missing, box known": (["sort", lost_with_box, "-o", out],
+                                           r"lost31\.star: 1 of its image stacks are missing \(first: .*gone\.mrcs"),
+        "index out of range": (["sort", out_of_range, "-o", out], r"range\.star: particle 1 asks for image 8"),
+        "NaN pixels": (["sort", nan_stack, "-o", out, *TINY_SETTINGS], r"nan\.mrcs: image 13 .*contains NaN"),
+        "constant background": (["sort", TOY, "-o", out, "--n-coefficients", "40", "--total-dimension", "12"],
+                                r"toy_projections\.star: .*background .* is constant"),
+        "alpha 1.5": (["sort", TOY, "-o", out, "--alpha", "1.5"], r"alpha must be a fraction strictly between 0 and 1"),
+        "alpha not a number": (["sort", TOY, "-o", out, "--alpha", "half"],
+                               r"^ppcasort sort: error: argument --alpha: invalid float value: 'half'"),
+        "no stopping rule": (["sort", TOY, "-o", out, "--n-rounds", "none"], r"give n_rounds, target_kept_fraction"),
+        "unknown basis": (["sort", TOY, "-o", out, "--basis", "fourier"], r"argument --basis: invalid choice"),
+        "dimension above the basis": (["sort", DATA / "aspire_sample_real17" / "sample.mrcs", "-o", out,
+                                       "--box-size", "32"],
+                                      r"basis gives \d+ coefficients, not more than the total dimension 60"),
+        "too few images": (["sort", EMPIAR / "empiar_10076_7.mrc", "-o", out, "--n-subspaces", "2",
+                            "--total-dimension", "4", "--n-coefficients", "5", "--box-size", "32"],
+                           r"7 images are too few to sort with 2 subspaces of dimension 2"),
+        "output is a file": (["sort", TOY, "-o", folder / "a_file"], r"a_file: exists and is not a folder"),
+        "settings file missing": (["sort", TOY, "-o", out, "--settings", folder / "none.json"], r"none\.json"),
+        "settings file not JSON": (["sort", TOY, "-o", out, "--settings", folder / "notes.txt"],
+                                   r"notes\.txt: not a JSON file"),
+        "no input": (["sort", "-o", out], r"required: INPUT"),
+        "no command": ([], r"required: COMMAND"),
+        "volume is a stack": (["simulate", "-o", out, "--volume", EMPIAR / "empiar_10076_7.mrc"],
+                              r"empiar_10076_7\.mrc: expected a cubic 3-D volume"),
+        "no particles": (["simulate", "-o", out, "--n-particles", "0"], r"n_particles must be at least 1"),
+    }
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    # In-process (main() is what the console script runs) to spare a Python start-up per case; the exit code
+    # and the stderr of a real process are checked by the subprocess tests above and below.
+    arguments, pattern = bad_inputs(tmp_path)[case]
+    try:
+        code = main([str(argument) for argument in arguments])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(arguments, code, captured.out, captured.err), pattern)
+    assert captured.out == ""
+
+
+def test_an_unexpected_error_is_not_dressed_as_an_input_error(tmp_path, monkeypatch):
+    # the console script lets it through: a traceback and exit status 1
+    def broken(settings):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("napari_ppcasort.cli.make_sorter", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["sort", str(TOY), "-o", str(tmp_path), *TOY_SETTINGS])
+
+
+# -- simulate, demo, gui, help ----------------------------------------------------------------------------------
+
+
+def test_simulate_writes_a_labelled_stack_from_a_volume_and_refuses_to_overwrite_it(tmp_path):
+    arguments = ["simulate", "-o", tmp_path, "--n-particles", "40", "--n-outliers", "5", "--n-noise", "3",
+                 "--box", "16", "--volume", VOLUME, "--defocus", "1", "2", "--seed", "3"]
+    result = run(*arguments)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 48 images of 16 px (40 particle, 5 outlier, 3 noise" in result.stdout
+    with open_particles(tmp_path / "simulated.star") as particles:
+        assert (particles.n_particles, particles.box_size) == (48, 16)
+        labels = particles.table["ppcasortTrueLabel"].to_numpy()
+        defocus = particles.table["rlnDefocusU"].to_numpy(float)
+    assert np.bincount(labels, minlength=3)[[PARTICLE, OUTLIER, NOISE]].tolist() == [40, 5, 3]
+    assert ((defocus >= 1e4) & (defocus <= 2e4)).all()
+    assert pd.read_csv(tmp_path / "simulated_labels.csv")["label"].tolist() == labels.tolist()
+    stack_before = (tmp_path / "simulated.mrcs").read_bytes()
+    assert_one_line_error(run(*arguments[:-1], "4"), r"already holds a simulated stack named 'simulated'.*--force")
+    assert (tmp_path / "simulated.mrcs").read_bytes() == stack_before
+
+
+def test_demo_keeps_a_purer_set_than_the_raw_stack_and_refuses_to_rerun_without_force(tmp_path):
+    out = tmp_path / "demo"
+    result = run("demo", "-o", out)
+    assert result.returncode == 0, result.stderr
+    kept, total = map(int, re.search(r"^kept (\d+) of (\d+) images", result.stdout, re.MULTILINE).groups())
+    purity, raw = map(float, re.search(r"^purity of the kept set: ([\d.]+)% particles \(raw stack: ([\d.]+)%\)",
+                                       result.stdout, re.MULTILINE).groups())
+    assert total == 3000 and raw == 80.0 and 0.5 * total < kept < total
+    assert purity > raw + 10
+    left = re.search(r"^junk left in the kept set: (\d+) of 300 outliers, (\d+) of 300 noise images", result.stdout,
+                     re.MULTILINE)
+    assert abs(int(left[1]) + int(left[2]) - kept * (1 - purity / 100)) < 2  # purity is printed to 0.1 %
+    with open_particles(out / "kept.star") as particles:
+        assert particles.n_particles == kept
+    assert_png(out / "report.png")
+
+    again = run("demo", "-o", out)
+    assert_one_line_error(again, r"already holds a demo run; use --force")
+
+
+def test_gui_refuses_without_a_display_and_checks_its_input_first(tmp_path, monkeypatch, capsys):
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    assert_one_line_error(run("gui", env=environment), r"no display .*ppcasort sort")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["gui", str(tmp_path / "nope.mrcs")]) == 2
+    assert re.fullmatch(r"ppcasort gui: error: .*nope\.mrcs: no such file\n", capsys.readouterr().err)
+    with pytest.raises(SystemExit) as help_exit:
+        main(["gui", "--help"])
+    assert help_exit.value.code == 0 and "INPUT" in capsys.readouterr().out
+
+
+def test_help_lists_every_setting_with_its_default_and_version():
+    result = run("sort", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    defaults = SortSettings()
+    for field in fields(SortSettings):
+        option = "--" + field.name.replace("_", "-")
+        assert option in text
+        default = getattr(defaults, field.name)
+        # each option's help ends with its default, taken from SortSettings
+        shown = "none" if default is None else str(default)
+        assert re.search(re.escape(option) + r"[^\[]*\[default: " + re.escape(shown) + r"\]", text), field.name
+    version = run("--version")
+    assert version.stdout.strip() == f"ppcasort {__version__}"
