@@ -8,7 +8,7 @@ from napari_ppcasort.core.bases import (
     PSWFBasis,
     _radial_prolates,
     expand_particles,
-    marchenko_pastur_rank,
+    marchenko_pastur_edge,
 )
 from napari_ppcasort.core.particles import open_particles
 from napari_ppcasort.core.preprocess import ArrayParticles, BadImageError, Preprocessor, disk_mask
@@ -181,6 +181,7 @@ def test_pca_recovers_planted_subspace_and_rank():
     assert isinstance(basis, Basis)
     assert basis.n_coefficients == 4
     assert basis.noise_variance_ == pytest.approx(1.0, rel=0.03)
+    np.testing.assert_allclose(basis.eigenvalues_, np.array([8, 6, 5, 4]) ** 2 + 1, rtol=0.15)
     cosines = np.linalg.svd(patterns.T @ basis.matrix, compute_uv=False)
     assert cosines.min() > 0.98
     np.testing.assert_allclose(basis.matrix.T @ basis.matrix, np.eye(4), atol=1e-5)
@@ -202,16 +203,16 @@ def test_pca_on_pure_noise_finds_no_signal():
     assert basis.noise_variance_ == pytest.approx(4.0, rel=0.03)
 
 
-def test_marchenko_pastur_rank_rarely_finds_signal_in_noise():
+def test_marchenko_pastur_edge_bounds_pure_noise_tightly():
     rng = np.random.default_rng(7)
-    results = []
+    ratios = []
     for n_samples, n_dimensions in [(300, 100), (100, 300)] * 10:
-        x = 3.0 * rng.normal(size=(n_samples, n_dimensions))
-        eigenvalues = np.linalg.svd(x, compute_uv=False) ** 2 / max(n_samples, n_dimensions)
-        results.append(marchenko_pastur_rank(eigenvalues, n_samples, n_dimensions))
-    ranks, variances = np.array(results).T
-    assert np.mean(ranks > 0) <= 0.1
-    np.testing.assert_allclose(variances, 9.0, rtol=0.06)
+        largest = np.linalg.svd(3.0 * rng.normal(size=(n_samples, n_dimensions)), compute_uv=False)[0] ** 2
+        edge = marchenko_pastur_edge(n_samples, n_dimensions, 9.0)
+        assert edge == pytest.approx(9.0 * (np.sqrt(n_samples) + np.sqrt(n_dimensions)) ** 2, rel=0.1)
+        ratios.append(largest / edge)
+    assert np.mean(np.array(ratios) > 1) <= 0.1
+    assert 0.9 < np.mean(ratios) < 1
 
 
 def test_pca_fit_from_chunks_matches_fit_from_array():
@@ -229,8 +230,8 @@ def test_pca_reservoir_sample_is_uniform():
         basis = PCABasis(box, sample_size=30, random_state=seed)
         stream = (np.arange(start, start + 50, dtype=np.float32)[:, None, None] * np.ones((1, box, box))
                   for start in range(0, 300, 50))
-        sample = basis._draw_sample(stream)
-        assert sample.shape == (30, basis.n_pixels)
+        sample, background_variances = basis._draw_sample(stream)
+        assert sample.shape == (30, basis.n_pixels) and np.all(background_variances == 0)
         chosen = sample[:, 0].astype(int)
         assert np.unique(chosen).size == 30
         counts[chosen] += 1

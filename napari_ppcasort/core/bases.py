@@ -21,10 +21,8 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import scipy.integrate
 import scipy.linalg
 import scipy.linalg.blas
-import scipy.optimize
 import scipy.special
 
 from .particles import CHUNK_BYTES
@@ -377,43 +375,27 @@ class PSWFBasis(_DiskMatrixBasis):
 # -- PCA -------------------------------------------------------------------------------------------------
 
 
-def _marchenko_pastur_median(ratio: float) -> float:
-    """Median of the Marchenko-Pastur law with aspect ratio ``ratio`` in (0, 1] and unit variance."""
-    lower, upper = (1 - np.sqrt(ratio)) ** 2, (1 + np.sqrt(ratio)) ** 2
+def marchenko_pastur_edge(n_samples: int, n_dimensions: int, noise_variance: float) -> float:
+    """Largest squared singular value expected from white noise, at the 99th percentile.
 
-    def density(x):
-        return np.sqrt(max((upper - x) * (x - lower), 0.0)) / (2 * np.pi * ratio * x)
-
-    def cumulative_minus_half(x):
-        return scipy.integrate.quad(density, lower, x, limit=200)[0] - 0.5
-
-    return scipy.optimize.brentq(cumulative_minus_half, lower, upper, xtol=1e-10)
-
-
-def marchenko_pastur_rank(eigenvalues: np.ndarray, n_samples: int, n_dimensions: int) -> tuple[int, float]:
-    """Number of eigenvalues above the noise edge, and the noise variance, by Marchenko-Pastur.
-
-    For an (n_samples, n_dimensions) matrix X of white noise of variance s^2, the nonzero eigenvalues of
-    X^T X / max(n_samples, n_dimensions) follow the Marchenko-Pastur law with ratio
-    ``beta = min / max`` and support ``s^2 (1 +- sqrt(beta))^2``. The noise variance is estimated by
-    matching the median eigenvalue to the median of that law (robust while the signal rank is small
-    compared with min(n_samples, n_dimensions)). The threshold is the upper edge with Johnstone's (2001)
-    finite-size centring and scaling, at the 99th percentile of the Tracy-Widom law, so that pure noise
-    gives rank 0 with probability 0.99.
+    For an (n_samples, n_dimensions) matrix of white noise of variance s^2, the eigenvalues of X^T X / n
+    fill the Marchenko-Pastur bulk up to s^2 (1 + sqrt(n_dimensions / n_samples))^2; the largest squared
+    singular value of X is about s^2 (mu + sigma W) with Johnstone's (2001) finite-size centring mu and
+    scale sigma, W following the Tracy-Widom law of order 1. Squared singular values above the returned
+    value are signal: pure noise exceeds it with probability 0.01.
 
     Args:
-        eigenvalues: the min(n_samples, n_dimensions) eigenvalues of X^T X / max(n_samples, n_dimensions).
         n_samples, n_dimensions: shape of X.
+        noise_variance: s^2.
 
     Returns:
-        (rank, noise_variance).
+        threshold on the squared singular values of X.
     """
     small, large = sorted((n_samples, n_dimensions))
-    noise_variance = float(np.median(eigenvalues)) / _marchenko_pastur_median(small / large)
-    centre = (np.sqrt(large - 1) + np.sqrt(small)) ** 2
-    scale = (np.sqrt(large - 1) + np.sqrt(small)) * (1 / np.sqrt(large - 1) + 1 / np.sqrt(small)) ** (1 / 3)
-    threshold = noise_variance * (centre + TRACY_WIDOM_99 * scale) / large
-    return int(np.sum(eigenvalues > threshold)), noise_variance
+    root_sum = np.sqrt(large - 1) + np.sqrt(small)
+    centre = root_sum**2
+    scale = root_sum * (1 / np.sqrt(large - 1) + 1 / np.sqrt(small)) ** (1 / 3)
+    return float(noise_variance * (centre + TRACY_WIDOM_99 * scale))
 
 
 class PCABasis(_DiskMatrixBasis):
@@ -425,23 +407,28 @@ class PCABasis(_DiskMatrixBasis):
     shown with ``evaluate``), and the mean image, when it stands out of the noise, is itself one of the
     leading directions. ``mean_`` is kept for display.
 
+    Number of components, when not given: the number of squared singular values of the sample above the
+    Marchenko-Pastur edge for white noise (:func:`marchenko_pastur_edge`), at least 1 and at most
+    min(m, n_pixels) // 2 for a sample of m images. The noise variance is estimated from the background:
+    the mean over the sampled images of the variance of their pixels outside the disk (1 after RELION
+    normalisation; the disk is assumed to hold the same noise plus the particle).
+
     Cost of :meth:`fit` on m images: the smaller Gram matrix of the sample, min(m, n_pixels)^2, and its
-    full eigendecomposition (the noise estimate needs every eigenvalue): seconds for 10000 images at
-    64-71 px, minutes at 128 px (lower ``sample_size`` or Fourier-crop for speed).
+    leading eigenvectors (dense, O(min(m, n_pixels)^3)): seconds for 10000 images at 64-71 px, minutes
+    at 128 px (lower ``sample_size`` or Fourier-crop for speed).
 
     Args:
         box_size: image side length in pixels.
         radius: disk radius in pixels (default ``box_size // 2 - 1``).
-        n_components: number of components; None estimates it with :func:`marchenko_pastur_rank` on
-            the sample (at least 1, at most min(sample size, n_pixels) // 2).
+        n_components: number of components; None estimates it (see above).
         sample_size: fit on at most this many images drawn uniformly at random.
         random_state: seed of the sample.
 
     Attributes (after :meth:`fit`):
         mean_: (n_pixels,) float32 sample mean of the disk pixels (not subtracted, see above).
-        eigenvalues_: (min(m, n_pixels),) descending eigenvalues of X^T X / max(m, n_pixels) for the
-            (m, n_pixels) sample X (the scale used by :func:`marchenko_pastur_rank`).
-        noise_variance_: Marchenko-Pastur estimate of the pixel noise variance.
+        eigenvalues_: (L,) descending eigenvalues of the sample second-moment matrix X^T X / m along
+            the components.
+        noise_variance_: background estimate of the pixel noise variance.
         n_samples_: number of images in the sample.
     """
 
@@ -468,60 +455,76 @@ class PCABasis(_DiskMatrixBasis):
         Returns:
             self.
         """
-        sample = self._draw_sample(images_or_chunks)
+        sample, background_variances = self._draw_sample(images_or_chunks)
         n_samples, n_pixels = sample.shape
         if n_samples < 2:
             raise ValueError(f"PCA needs at least 2 images, got {n_samples}")
-        if not np.isfinite(sample).all():
+        if not (np.isfinite(sample).all() and np.isfinite(background_variances).all()):
             raise ValueError("cannot fit PCA: the sampled images contain NaN or infinite pixels")
         if self.n_components is not None and self.n_components > min(n_samples, n_pixels):
             raise ValueError(f"cannot fit {self.n_components} components on {n_samples} images of "
                              f"{n_pixels} disk pixels")
-        scale = max(n_samples, n_pixels)
-        if n_samples >= n_pixels:
-            eigenvalues, vectors = scipy.linalg.eigh((sample.T @ sample).astype(np.float64))
-            eigenvalues, vectors = eigenvalues[::-1] / scale, vectors[:, ::-1]
+        self.noise_variance_ = float(background_variances.mean())
+        # the smaller Gram matrix; both have the squared singular values of the sample as eigenvalues
+        gram = (sample.T @ sample if n_samples >= n_pixels else sample @ sample.T).astype(np.float64)
+        size = gram.shape[0]
+        if self.n_components is None:
+            edge = marchenko_pastur_edge(n_samples, n_pixels, self.noise_variance_)
+            squared, vectors = scipy.linalg.eigh(gram, subset_by_value=(edge, np.inf))
+            if squared.size == 0:  # no signal above the noise: keep the leading direction
+                squared, vectors = scipy.linalg.eigh(gram, subset_by_index=(size - 1, size - 1))
+            n_components = min(squared.size, max(1, min(n_samples, n_pixels) // 2))
         else:
-            eigenvalues, left = scipy.linalg.eigh((sample @ sample.T).astype(np.float64))
-            eigenvalues, left = eigenvalues[::-1] / scale, left[:, ::-1]
-        eigenvalues = np.clip(eigenvalues, 0, None)
-        rank, self.noise_variance_ = marchenko_pastur_rank(eigenvalues, n_samples, n_pixels)
-        n_components = self.n_components or int(np.clip(rank, 1, min(n_samples, n_pixels) // 2))
+            n_components = self.n_components
+            squared, vectors = scipy.linalg.eigh(gram, subset_by_index=(size - n_components, size - 1))
+        squared, vectors = squared[::-1][:n_components], vectors[:, ::-1][:, :n_components]
         if n_samples < n_pixels:
             # right singular vectors from the left ones: v = X^T u / singular value
-            vectors = sample.T.astype(np.float64) @ left[:, :n_components]
+            vectors = sample.T.astype(np.float64) @ vectors
             vectors /= np.linalg.norm(vectors, axis=0)
-        vectors = vectors[:, :n_components]
         largest = np.abs(vectors).argmax(axis=0)
         vectors *= np.sign(vectors[largest, np.arange(n_components)])
         self._matrix = vectors.astype(np.float32)
         self.mean_ = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
-        self.eigenvalues_ = eigenvalues
+        self.eigenvalues_ = squared / n_samples
         self.n_samples_ = n_samples
         return self
 
-    def _draw_sample(self, images_or_chunks) -> np.ndarray:
-        """(m, n_pixels) float32 disk pixels of up to ``sample_size`` images drawn uniformly at random."""
+    def _draw_sample(self, images_or_chunks) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``sample_size`` images drawn uniformly at random.
+
+        Returns:
+            (m, n_pixels) float32 disk pixels and (m,) variances of the background pixels (ddof 1).
+        """
         rng = np.random.default_rng(self.random_state)
         shape = getattr(images_or_chunks, "shape", None)
         if shape is not None and len(shape) == 3:
             n_images = shape[0]
             chosen = np.sort(rng.choice(n_images, size=min(n_images, self.sample_size), replace=False))
             step = max(1, CHUNK_BYTES // (4 * self.box_size**2))
-            blocks = (images_or_chunks[chosen[start:start + step]] for start in range(0, chosen.size, step))
-            return np.concatenate([as_image_stack(block, self.box_size)[:, self.mask] for block in blocks])
+            blocks = [self._split(images_or_chunks[chosen[start:start + step]])
+                      for start in range(0, chosen.size, step)]
+            return np.concatenate([pixels for pixels, _ in blocks]), np.concatenate([noise for _, noise in blocks])
         reservoir = np.empty((self.sample_size, self.n_pixels), dtype=np.float32)
+        reservoir_noise = np.empty(self.sample_size)
         n_seen = 0
         for chunk in images_or_chunks:
-            pixels = as_image_stack(chunk, self.box_size)[:, self.mask]
+            pixels, noise = self._split(chunk)
             # Algorithm R: image t (0-based) fills slot t while t < size, then replaces a uniformly random
             # slot of [0, t] if that slot is < size
             seen = n_seen + np.arange(pixels.shape[0])
             slots = np.where(seen < self.sample_size, seen, rng.integers(0, seen + 1))
             for image in np.flatnonzero(slots < self.sample_size):
                 reservoir[slots[image]] = pixels[image]
+                reservoir_noise[slots[image]] = noise[image]
             n_seen += pixels.shape[0]
-        return reservoir[:min(n_seen, self.sample_size)]
+        n_kept = min(n_seen, self.sample_size)
+        return reservoir[:n_kept], reservoir_noise[:n_kept]
+
+    def _split(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(c, n_pixels) disk pixels and (c,) background variances of a chunk of images."""
+        images = as_image_stack(images, self.box_size)
+        return images[:, self.mask], images[:, ~self.mask].var(axis=1, ddof=1, dtype=np.float64)
 
 
 # -- streaming expansion ---------------------------------------------------------------------------------
