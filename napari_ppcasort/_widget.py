@@ -49,10 +49,6 @@ REJECTED_LAYER = "rejected particles"
 #: Components of each subspace shown in the components layer.
 N_COMPONENTS_SHOWN = 4
 MAX_SUBSPACES = 20
-#: Default box the images are Fourier-cropped to (larger boxes cost time and add nothing to junk detection).
-DEFAULT_CROP = 64
-#: Default number of basis coefficients L.
-DEFAULT_COEFFICIENTS = 100
 FILE_SOURCE = "file"
 STOP_ROUNDS, STOP_FRACTION = "number of rounds", "kept fraction"
 #: Longest wait (seconds) for a cancelled sort to stop when the viewer closes.
@@ -113,14 +109,16 @@ class SortWidget(QWidget):
                              filter="Particle sets (" + " ".join(f"*{s}" for s in PARTICLE_SUFFIXES) + ")")
         self.crop = SpinBox(label="crop to box (px)", min=8, max=8, value=8,
                             tooltip="Fourier-crop the images to this box before sorting")
-        self.n_coefficients = SpinBox(label="basis size L", min=0, max=DEFAULT_COEFFICIENTS, value=DEFAULT_COEFFICIENTS,
+        self.n_coefficients = SpinBox(label="basis size L", min=0, max=max(defaults.n_coefficients or 0, 2),
+                                      value=defaults.n_coefficients or 0,
                                       tooltip="number of basis coefficients per image (0: estimated from the noise, PCA)")
         self.n_coefficients.native.setSpecialValueText("auto")
         self.basis = ComboBox(label="basis", choices=list(BASES), value=defaults.basis,
                               tooltip="pca: principal components of the images; pswf: prolate spheroidal wave functions")
         self.n_subspaces = SpinBox(label="subspaces M", min=1, max=MAX_SUBSPACES, value=defaults.n_subspaces)
-        self.total_dimension = SpinBox(label="total dimension", min=defaults.n_subspaces, max=DEFAULT_COEFFICIENTS - 1,
-                                       value=30, tooltip="summed dimension of the subspaces (M x K)")
+        self.total_dimension = SpinBox(label="total dimension", min=defaults.n_subspaces,
+                                       max=max(defaults.total_dimension, (defaults.n_coefficients or 2) - 1),
+                                       value=defaults.total_dimension, tooltip="summed dimension of the subspaces (M x K)")
         self.alpha = FloatSlider(label="alpha (%)", min=0.5, max=50.0, step=0.5, value=100 * defaults.alpha,
                                  tooltip="percentage of the remaining images removed at each pruning round")
         self.iterations = SpinBox(label="EM iterations per round", min=1, max=200, value=defaults.iterations_per_round)
@@ -182,7 +180,7 @@ class SortWidget(QWidget):
         box = shape[1]
         self.crop.min = min(8, box)
         self.crop.max = box
-        self.crop.value = min(box, DEFAULT_CROP)
+        self.crop.value = min(box, SortSettings().box_size or box)
         self._update_limits()
 
     def _source_shape(self) -> tuple[int, int] | None:

@@ -130,10 +130,20 @@ def test_rotation_by_any_angle_is_steerable_up_to_sampling_error(pswf33, degrees
     assert error < 1e-3
 
 
+def test_pswf_max_coefficients_alone_lowers_the_band_limit():
+    """A short basis is a low-pass one: the smallest band limit with enough functions, not a pick at Nyquist."""
+    short = PSWFBasis(71, max_coefficients=300)
+    assert 299 <= short.n_coefficients <= 300
+    assert short.bandlimit < np.pi * short.radius / 2
+    assert PSWFBasis(71, bandlimit=short.bandlimit / 1.02).n_coefficients < 300
+    nyquist = PSWFBasis(71, bandlimit=np.pi * 34)
+    assert np.abs(short.angular_frequencies).max() < np.abs(nyquist.angular_frequencies).max() / 2
+
+
 def test_pswf_max_coefficients_keeps_pairs_whole():
     full = PSWFBasis(25)
     cut = int(np.flatnonzero((full.angular_frequencies > 0) & ~full.is_sine)[5]) + 1  # ends on a cos column
-    limited = PSWFBasis(25, max_coefficients=cut)
+    limited = PSWFBasis(25, bandlimit=full.bandlimit, max_coefficients=cut)
     assert limited.n_coefficients == cut - 1
     # Gram-Schmidt in concentration order: the leading columns are the same
     np.testing.assert_allclose(limited.matrix, full.matrix[:, :cut - 1], atol=1e-5)

@@ -291,6 +291,7 @@ def test_bad_input_and_parameters_are_notifications(qtbot, make_napari_viewer, s
     assert "broken.mrcs" in errors[-1]
 
     widget.file.value = write_stack(tmp_path / "good.mrcs", sample_layer)
+    widget.basis.value = "pca"
     widget.n_coefficients.value = 0  # automatic: PCA finds fewer coefficients than the dimension asked
     widget.total_dimension.value = 100
     with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
@@ -339,7 +340,7 @@ def test_run_sort_yields_one_event_per_iteration_and_round(sample_layer):
 
 def test_run_sort_reports_bad_input_and_stops_when_cancelled(sample_layer):
     particles = sample_layer[0].particles
-    too_big = SortSettings(n_subspaces=2, total_dimension=40, n_coefficients=None, n_rounds=2)
+    too_big = SortSettings(n_subspaces=2, total_dimension=40, basis="pca", n_coefficients=None, n_rounds=2)
     events = list(run_sort(particles, too_big, threading.Event()))
     assert isinstance(events[-1], RunFailed) and "total dimension 40" in events[-1].message
     cancel = threading.Event()

@@ -195,6 +195,22 @@ def _radial_prolates(bandlimit: float, truncation: float) -> list[tuple[np.ndarr
         prolates.append((concentration[kept], vectors[:, kept]))
 
 
+def _count_functions(prolates: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """Real basis functions of a set of radial prolates: one per N = 0 function, two (cos, sin) per N > 0."""
+    return sum(concentration.size * (1 if N == 0 else 2) for N, (concentration, _) in enumerate(prolates))
+
+
+def _bandlimit_for_count(count: int, largest: float, truncation: float) -> tuple[float, list]:
+    """The smallest band limit (2% steps from the Shannon estimate 2 sqrt(count), at most ``largest``)
+    with at least ``count`` functions above ``truncation``, and its radial prolates."""
+    bandlimit = min(2.0 * np.sqrt(count), largest)
+    while True:
+        prolates = _radial_prolates(bandlimit, truncation)
+        if _count_functions(prolates) >= count or bandlimit >= largest:
+            return bandlimit, prolates
+        bandlimit = min(bandlimit * 1.02, largest)
+
+
 def _symmetry_class(angular_frequencies: np.ndarray, is_sine: np.ndarray) -> np.ndarray:
     """Label of the functions that can overlap on a pixel grid symmetric under 90-degree rotations.
 
@@ -231,7 +247,11 @@ class PSWFBasis(_DiskMatrixBasis):
         box_size: image side length in pixels.
         radius: disk radius in pixels (default ``box_size // 2 - 1``); at most ``(box_size - 1) / 2``.
         bandlimit: c, band limit for the unit disk (frequencies up to c / radius radians per pixel).
-            Default ``pi * radius``: Nyquist, the choice of Landa & Shkolnisky (beta = 1).
+            Default ``pi * radius``: Nyquist, the choice of Landa & Shkolnisky (beta = 1); with
+            ``max_coefficients`` given, the default is instead the smallest band limit (in steps of 2%,
+            at most Nyquist) that has that many functions above the truncation, so that a short basis is
+            a low-pass one rather than an arbitrary pick among functions whose concentrations all round
+            to 1.
         truncation: keep the functions whose concentration lambda in (0, 1) exceeds it. Default 0.5,
             Landa & Shkolnisky's default truncation (gamma = sqrt(lambda / (1 - lambda)) > 1). The
             number of functions is about the Shannon number c^2 / 4 (about 0.78 of the disk pixels at
@@ -256,16 +276,21 @@ class PSWFBasis(_DiskMatrixBasis):
     def __init__(self, box_size: int, radius: float | None = None, bandlimit: float | None = None,
                  truncation: float = 0.5, max_coefficients: int | None = None):
         super().__init__(box_size, radius)
-        self.bandlimit = float(np.pi * self.radius if bandlimit is None else bandlimit)
-        if not self.bandlimit > 0:
-            raise ValueError(f"band limit must be positive, got {self.bandlimit:g}")
         if not 0 < truncation < 1:
             raise ValueError(f"truncation is a concentration threshold in (0, 1), got {truncation:g}")
         if max_coefficients is not None and max_coefficients < 1:
             raise ValueError(f"max_coefficients must be at least 1, got {max_coefficients}")
         self.truncation = float(truncation)
+        nyquist = np.pi * self.radius
+        if bandlimit is not None:
+            self.bandlimit, prolates = float(bandlimit), _radial_prolates(float(bandlimit), self.truncation)
+        elif max_coefficients is None:
+            self.bandlimit, prolates = nyquist, _radial_prolates(nyquist, self.truncation)
+        else:
+            self.bandlimit, prolates = _bandlimit_for_count(max_coefficients, nyquist, self.truncation)
+        if not self.bandlimit > 0:
+            raise ValueError(f"band limit must be positive, got {self.bandlimit:g}")
 
-        prolates = _radial_prolates(self.bandlimit, self.truncation)
         frequencies, radial, sine, concentrations = [], [], [], []
         for N, (concentration, _) in enumerate(prolates):
             for is_sine in (False, True) if N else (False,):

@@ -34,6 +34,7 @@ index in range).
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 import threading
@@ -202,7 +203,9 @@ class ParticleSet:
             stack = int(stacks[positions[0]])
             unique_slices, inverse = np.unique(slices[positions], return_inverse=True)
             with self._lock:
-                block = np.asarray(self._stack_data(stack)[unique_slices], dtype=np.float32)
+                stack_images = self._stack_data(stack)
+                block = np.asarray(stack_images[unique_slices], dtype=np.float32)
+                release_mapped_pages(stack_images)
             # A float64 sum of float32 pixels cannot overflow, so it is finite exactly when every pixel is.
             finite = np.isfinite(block.sum(axis=(1, 2), dtype=np.float64))
             if not finite.all():
@@ -531,6 +534,19 @@ def _resolve_stack(name: str, base_folder: Path) -> tuple[Path, bool]:
         if candidate.is_file():
             return candidate, True
     return candidates[0], False
+
+
+def release_mapped_pages(array) -> None:
+    """Unmap the pages of a read-only or shared ``np.memmap`` that this process has read.
+
+    The data stay in the kernel's page cache, but the process's resident set no longer grows to the size
+    of the files it streams through (batch systems count mapped pages against memory limits). A
+    copy-on-write map is left alone (its pages may hold edits); anything else is ignored.
+    """
+    mapping = getattr(array, "_mmap", None)  # the mmap.mmap behind an np.memmap and its views
+    shared = getattr(array, "mode", None) in ("r", "r+", "readonly")
+    if mapping is not None and shared and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _map_stack(path: Path) -> tuple[mrcfile.mrcmemmap.MrcMemmap, np.ndarray]:

@@ -55,11 +55,13 @@ class SortSettings:
     iterations_per_round : P, EM iterations between prunings.
     n_rounds : number of pruning rounds (None: until target_kept_fraction is reached).
     target_kept_fraction : stop when this fraction of the stack is left (None: after n_rounds).
-    basis : 'pca' (principal components of the images inside the mask) or 'pswf' (prolate spheroidal
-        wave functions, the paper's steerable basis).
-    n_coefficients : number of basis coefficients L (None: PCA estimates it from the noise level, the
-        PSWF basis keeps every function above its truncation).
-    box_size : Fourier-crop the images to this box (pixels) before anything else (None: keep the box).
+    basis : 'pswf' (prolate spheroidal wave functions, the paper's steerable basis) or 'pca' (principal
+        components of the images inside the mask).
+    n_coefficients : number of basis coefficients L (PSWF: the band limit is lowered until that many
+        functions remain, a low-pass basis; None: PCA estimates it from the noise level with the
+        Marchenko-Pastur edge, PSWF keeps every function up to Nyquist).
+    box_size : Fourier-crop larger images to this box (pixels) before anything else; smaller images are
+        kept as they are (None: never crop).
     mask_radius : radius of the particle circle in pixels of the (cropped) box (None: box // 2 - 1).
     normalize : normalise each image on the background outside the circle (mean 0, std 1).
     combine : how the sorting factor combines subspaces: 'sum' (the paper), 'min', 'responsibility'.
@@ -74,9 +76,9 @@ class SortSettings:
     iterations_per_round: int = 6
     n_rounds: int | None = 5
     target_kept_fraction: float | None = None
-    basis: str = "pca"
-    n_coefficients: int | None = None
-    box_size: int | None = None
+    basis: str = "pswf"
+    n_coefficients: int | None = 300
+    box_size: int | None = 64
     mask_radius: float | None = None
     normalize: bool = True
     combine: str = "sum"
@@ -140,9 +142,10 @@ def prepare_coefficients(particles, settings: SortSettings, progress: Progress |
     ``particles`` is a ParticleSet (or anything with ``n_particles``, ``box_size`` and ``iter_chunks``).
     ``progress(done, total)`` is called after each chunk.
     """
+    crop = settings.box_size is not None and settings.box_size < particles.box_size
     preprocessor = Preprocessor(
         box_size=particles.box_size,
-        target_box=settings.box_size,
+        target_box=settings.box_size if crop else None,
         mask_radius=settings.mask_radius,
         normalize=settings.normalize,
     )

@@ -11,14 +11,13 @@ Conventions used throughout the engine:
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
 
-from .particles import CHUNK_BYTES
+from .particles import CHUNK_BYTES, release_mapped_pages
 
 
 class BadImageError(ValueError):
@@ -278,12 +277,5 @@ class ArrayParticles:
         for start in range(0, indices.size, chunk_size):
             chunk = indices[start:start + chunk_size]
             images = np.asarray(self._images[chunk], dtype=np.float32)  # integer indexing copies
-            self._release_mapped_pages()
+            release_mapped_pages(self._images)
             yield chunk, images
-
-    def _release_mapped_pages(self) -> None:
-        """Unmap the pages of a read-only/shared np.memmap (never a copy-on-write one, whose pages hold edits)."""
-        mapping = getattr(self._images, "_mmap", None)  # the mmap.mmap behind an np.memmap and its views
-        shared = getattr(self._images, "mode", None) in ("r", "r+")
-        if mapping is not None and shared and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
