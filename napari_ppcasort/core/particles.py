@@ -229,12 +229,7 @@ class ParticleSet:
             (chunk_indices, images): (c,) int64 particle indices and (c, box_size, box_size) float32 images.
         """
         indices = np.arange(self.n_particles) if indices is None else self._check_indices(indices)
-        if chunk_size is None:
-            chunk_size = max(1, CHUNK_BYTES // (4 * self.box_size**2))
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        for start in range(0, indices.size, chunk_size):
-            chunk = indices[start:start + chunk_size]
+        for chunk in index_chunks(indices, self.box_size, chunk_size):
             yield chunk, self.read(chunk)
 
     def close(self) -> None:
@@ -534,6 +529,16 @@ def _resolve_stack(name: str, base_folder: Path) -> tuple[Path, bool]:
         if candidate.is_file():
             return candidate, True
     return candidates[0], False
+
+
+def index_chunks(indices: np.ndarray, box_size: int, chunk_size: int | None = None) -> Iterator[np.ndarray]:
+    """Consecutive pieces of ``indices``, each ``chunk_size`` long (default: about CHUNK_BYTES of float32 images)."""
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_BYTES // (4 * box_size**2))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    for start in range(0, indices.size, chunk_size):
+        yield indices[start:start + chunk_size]
 
 
 def release_mapped_pages(array) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from .particles import CHUNK_BYTES, release_mapped_pages
+from .particles import index_chunks, release_mapped_pages
 
 
 class BadImageError(ValueError):
@@ -270,12 +270,7 @@ class ArrayParticles:
         outside = (indices < 0) | (indices >= self.n_particles)
         if outside.any():
             raise IndexError(f"image index {indices[outside][0]} out of range for {self.n_particles} images")
-        if chunk_size is None:
-            chunk_size = max(1, CHUNK_BYTES // (4 * self.box_size**2))
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        for start in range(0, indices.size, chunk_size):
-            chunk = indices[start:start + chunk_size]
+        for chunk in index_chunks(indices, self.box_size, chunk_size):
             images = np.asarray(self._images[chunk], dtype=np.float32)  # integer indexing copies
             release_mapped_pages(self._images)
             yield chunk, images
