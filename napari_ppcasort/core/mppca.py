@@ -244,8 +244,8 @@ class MixturePPCA:
             resp = np.exp(log_dens - log_norm[:, None])
             projections[start:stop] = proj
             responsibilities[start:stop] = resp
-            weighted_sum += resp.T @ rows
-            weighted_sq_norm += resp.T @ sq_norms
+            weighted_sum += (rows.T @ resp).T  # as (L, c) @ (c, M): OpenBLAS is slow on the (M, c) @ (c, L) form
+            weighted_sq_norm += sq_norms @ resp
             total_log_likelihood += float(log_norm.sum())
 
         totals = responsibilities.sum(axis=0)  # N_m
