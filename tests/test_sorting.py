@@ -123,7 +123,7 @@ def test_sorting_factor_matches_definition():
         (dict(alpha=1.0), "alpha must be a fraction strictly between 0 and 1"),
         (dict(alpha=-0.1), "alpha"),
         (dict(iterations_per_round=0), "iterations_per_round"),
-        (dict(n_rounds=None, target_kept_fraction=None), "give n_rounds, target_kept_fraction, or both"),
+        (dict(n_rounds=None, target_kept_fraction=None), "give n_rounds, target_kept_fraction, or outlier_threshold"),
         (dict(n_rounds=0), "n_rounds"),
         (dict(target_kept_fraction=1.5), "target_kept_fraction"),
     ],
@@ -136,3 +136,27 @@ def test_bad_sort_parameters(kwargs, message):
 def test_bad_combination_is_refused():
     with pytest.raises(ValueError, match="combine must be one of"):
         SortingFactorScore("max")
+
+
+def test_automatic_mode_stops_when_no_outlier_is_left(planted):
+    data, truth, *_ = planted
+    sorter, rounds = run(data, alpha=0.05, n_rounds=None, outlier_threshold=2.0,
+                         scorer=SortingFactorScore("min", center=True))
+    last = rounds[-1]
+    assert last.done and last.removed_this_round.size == 0
+    assert len(rounds) < len(sorter.removal_schedule(data.shape[0]))  # it stopped on its own
+    removed = last.removed
+    assert (truth[removed] == -1).sum() >= 0.95 * (truth == -1).sum()  # the outliers went
+    assert (truth[removed] != -1).sum() <= 0.08 * (truth != -1).sum()  # and few inliers with them
+
+
+def test_automatic_mode_removes_nothing_from_clean_data():
+    data, *_ = planted_data(n_samples=2000, outlier_fraction=0.0, mean_scale=1.0)
+    _, rounds = run(data, alpha=0.05, n_rounds=None, outlier_threshold=4.0,
+                    scorer=SortingFactorScore("min", center=True))
+    assert rounds[-1].kept.size >= 0.99 * data.shape[0]
+
+
+def test_automatic_mode_needs_a_positive_threshold():
+    with pytest.raises(ValueError, match="outlier_threshold must be a positive"):
+        OnlineSorter(MixturePPCA(1, 2), outlier_threshold=0.0)

@@ -68,6 +68,10 @@ class SortSettings:
     center : score y - mu_m instead of y.
     noise : 'shared' noise variance across subspaces (the paper) or 'per_component'.
     random_state : seed of every random choice (sampling, initialisation).
+    outlier_threshold : the automatic mode (None: off): a round removes only images whose score is a
+        robust outlier of that round's scores (z-score of the log-score above this, median/MAD), at most
+        alpha of the rest, and the sort stops after a round that finds none; n_rounds and
+        target_kept_fraction may then both be None.
     """
 
     n_subspaces: int = 3
@@ -85,6 +89,7 @@ class SortSettings:
     center: bool = False
     noise: str = "shared"
     random_state: int = 0
+    outlier_threshold: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.n_subspaces, int) or self.n_subspaces < 1:
@@ -186,6 +191,7 @@ def make_sorter(settings: SortSettings) -> OnlineSorter:
         n_rounds=settings.n_rounds,
         target_kept_fraction=settings.target_kept_fraction,
         scorer=SortingFactorScore(settings.combine, settings.center),
+        outlier_threshold=settings.outlier_threshold,
     )
 
 

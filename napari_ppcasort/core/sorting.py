@@ -135,6 +135,11 @@ class OnlineSorter:
         With both given, the sort stops at whichever comes first; at least one is needed.
     scorer : callable (model, data) -> (N,) scores
         The junk score; default :class:`SortingFactorScore` (the paper's).
+    outlier_threshold : float or None
+        The automatic mode. When set, a round removes only the images whose score is an outlier of this
+        round's score distribution (robust z-score, median and MAD of the log-scores, above the threshold),
+        at most the scheduled count, and the sort stops after a round that finds none. With it, n_rounds
+        and target_kept_fraction may both be None (they remain upper bounds on the removal).
 
     Use :meth:`rounds` as a generator, or drive it step by step with :meth:`start`, :meth:`em_step` and
     :meth:`prune` (the GUI does, to stay cancellable between EM iterations).
@@ -149,13 +154,17 @@ class OnlineSorter:
         n_rounds: int | None = 5,
         target_kept_fraction: float | None = None,
         scorer: Scorer | None = None,
+        outlier_threshold: float | None = None,
     ):
         if not (isinstance(alpha, (float, int)) and 0.0 < alpha < 1.0):
             raise ValueError(f"alpha must be a fraction strictly between 0 and 1, got {alpha!r}")
         if not isinstance(iterations_per_round, (int, np.integer)) or iterations_per_round < 1:
             raise ValueError(f"iterations_per_round must be a positive integer, got {iterations_per_round!r}")
-        if n_rounds is None and target_kept_fraction is None:
-            raise ValueError("give n_rounds, target_kept_fraction, or both, so that the sort knows when to stop")
+        if outlier_threshold is not None and not outlier_threshold > 0:
+            raise ValueError(f"outlier_threshold must be a positive robust z-score, got {outlier_threshold!r}")
+        if n_rounds is None and target_kept_fraction is None and outlier_threshold is None:
+            raise ValueError("give n_rounds, target_kept_fraction, or outlier_threshold, so that the sort knows "
+                             "when to stop")
         if n_rounds is not None and (not isinstance(n_rounds, (int, np.integer)) or n_rounds < 1):
             raise ValueError(f"n_rounds must be a positive integer or None, got {n_rounds!r}")
         if target_kept_fraction is not None and not 0.0 < target_kept_fraction < 1.0:
@@ -166,9 +175,10 @@ class OnlineSorter:
         self.n_rounds = n_rounds
         self.target_kept_fraction = target_kept_fraction
         self.scorer = scorer if scorer is not None else SortingFactorScore()
+        self.outlier_threshold = outlier_threshold
 
     def removal_schedule(self, n_total: int) -> list[int]:
-        """How many images each round removes from a set of ``n_total`` (it does not depend on the scores).
+        """How many images each round removes from a set of ``n_total`` (upper bounds in the automatic mode).
 
         Each round removes round(alpha * remaining), at least one, never going below the target kept
         fraction nor below the smallest set the model can be fitted on.
@@ -197,6 +207,7 @@ class OnlineSorter:
         self._removal_round = np.zeros(self._n_total, dtype=np.int64)
         self._round = 0
         self.schedule = self.removal_schedule(self._n_total)
+        self._found_no_outlier = False
 
     def em_step(self) -> float:
         """One EM iteration on the remaining images; returns the mean log-likelihood before it."""
@@ -204,13 +215,23 @@ class OnlineSorter:
 
     @property
     def finished(self) -> bool:
-        return self._round >= len(self.schedule)
+        return self._round >= len(self.schedule) or self._found_no_outlier
+
+    def _outlier_count(self, scores: np.ndarray) -> int:
+        """Images whose score is a robust outlier of ``scores`` (see ``outlier_threshold``)."""
+        values = np.log(scores) if (scores > 0).all() else scores
+        median = np.median(values)
+        spread = 1.4826 * np.median(np.abs(values - median))
+        return int(np.sum(values > median + self.outlier_threshold * spread))
 
     def prune(self) -> SortRound:
         """Score the remaining images, remove the worst ones and report the round."""
         self._round += 1
         scores = np.asarray(self.scorer(self.model, self._active), dtype=np.float64)
         n_remove = self.schedule[self._round - 1]
+        if self.outlier_threshold is not None:
+            n_remove = min(n_remove, self._outlier_count(scores))
+            self._found_no_outlier = n_remove == 0
         order = np.argsort(scores, kind="stable")
         keep_positions = np.sort(order[: scores.size - n_remove])
         drop_positions = order[scores.size - n_remove :][::-1]  # worst first
