@@ -74,7 +74,7 @@ class SortSettings:
         target_kept_fraction may then both be None.
     """
 
-    n_subspaces: int = 3
+    n_subspaces: int = 2
     total_dimension: int = 60
     alpha: float = 0.05
     iterations_per_round: int = 6
