@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from fixture_paths import DATA
 
 from napari_ppcasort.core.bases import (
     Basis,
@@ -335,7 +335,7 @@ def test_expand_particles_errors(stack, pswf33):
 
 
 def test_expand_real_particles_from_star_file(pswf33):
-    star = SHARED_DATA / "aspire_sample_real17" / "sample_particles_relion31.star"
+    star = DATA / "aspire_sample_real17" / "sample_particles_relion31.star"
     particles = open_particles(star)
     preprocessor = Preprocessor(particles.box_size, target_box=33)
     basis = pswf33

@@ -24,10 +24,10 @@ from napari_ppcasort.core.particles import open_particles
 from napari_ppcasort.core.pipeline import SortSettings
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TOY = DATA / "cryodrgn_toy_projections_sim1000" / "toy_projections.star"
-EMPIAR = DATA / "cryodrgn_empiar10076_real7"
-VOLUME = DATA / "aspire_70s_ribosome_vol65" / "clean70SRibosome_vol_65p.mrc"
+from fixture_paths import DATA, EMPIAR, VOLUME
+from fixture_paths import TOY as TOY_FOLDER
+
+TOY = TOY_FOLDER / "toy_projections.star"
 # Small settings so a sort of the 1000 toy images (30 px, noise-free: nothing to normalise) takes seconds.
 # Counts below follow from alpha and the rounds, given explicitly so that changing the product defaults does not
 # change them.

@@ -1,7 +1,6 @@
 """Tests of the napari reader (lazy particle stacks), the in-memory particle set and the sample data."""
 
 import warnings
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -17,12 +16,7 @@ from napari_ppcasort._sample_data import SAMPLE_COUNTS, make_sample_data
 from napari_ppcasort.core.particles import ParticleFileError, open_particles, write_particles
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-EMPIAR = DATA / "cryodrgn_empiar10076_real7"
-RELION31 = DATA / "cryodrgn_relion31_real5"
-RELION5 = DATA / "cryodrgn_relion5_multistack"
-TOY = DATA / "cryodrgn_toy_projections_sim1000"
-CS = DATA / "cryodrgn_cryosparc_cs"
+from fixture_paths import CS, EMPIAR, RELION5, RELION31, TOY
 
 
 def mrc_images(path):

@@ -1,6 +1,5 @@
 """Tests of the particle-stack simulator (napari_ppcasort.core.simulate)."""
 
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -25,8 +24,7 @@ from napari_ppcasort.core.simulate import (
     write_simulated,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RIBOSOME = DATA / "aspire_70s_ribosome_vol65" / "clean70SRibosome_vol_65p.mrc"
+from fixture_paths import VOLUME as RIBOSOME
 
 BOX = 33
 

@@ -2,7 +2,6 @@
 
 import threading
 import time
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -10,7 +9,6 @@ import pandas as pd
 import pytest
 
 from napari_ppcasort import _widget
-from napari_ppcasort._reader import ParticleStack
 from napari_ppcasort._sample_data import SAMPLE_NAME, make_sample_data
 from napari_ppcasort._widget import (
     COMPONENTS_LAYER,
