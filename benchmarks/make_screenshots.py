@@ -1,6 +1,6 @@
 """Screenshots of the napari window with the sorting widget docked, on the plugin's sample data.
 
-Run from the repository root: xvfb-run -a -s "-screen 0 1600x1000x24" python3 make_screenshots.py
+Run from the repository root: xvfb-run -a -s "-screen 0 1600x1000x24" python3 benchmarks/make_screenshots.py
 (PyQt6 is chosen so that napari shows no PyQt5 deprecation notice over the canvas.)
 """
 import os

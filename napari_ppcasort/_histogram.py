@@ -13,6 +13,7 @@ on resize and on a theme change.
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
@@ -60,6 +61,7 @@ class ScoreHistogram(QWidget):
         self._bars = self.axes.stairs(self.counts, self.edges, fill=True, animated=True)
         self._cut_line = self.axes.axvline(1.0, linewidth=1.5, linestyle="--", visible=False, animated=True)
         self.axes.set_xscale("log")
+        self.axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         self.axes.set_xlim(self.edges[0], self.edges[-1])
         self.axes.set_xlabel("junk score (sorting factor)")
         self.axes.set_ylabel("images")

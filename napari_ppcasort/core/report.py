@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -105,6 +106,7 @@ def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray) -> None:
     axes.axvline(cut, color=CUT_COLOUR, linestyle="--", linewidth=1.2, label=f"cut {cut:.3g}")
     if logarithmic:
         axes.set_xscale("log")
+        axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
     axes.set_xlabel("final junk score (sorting factor)")
     axes.set_ylabel("images")
     axes.set_title("scores of all images", fontsize="medium")
