@@ -4,11 +4,16 @@ Data: 50,000 projections of the 70S ribosome (../shared/data/aspire_70s_ribosome
 at uniformly random orientations with small random shifts, SNR 1/10, plus 8.33% outliers (energy-matched
 random crops of the cameraman picture) and 8.33% pure-noise images; K_total = 60, alpha = 5%, P = 6, 5 rounds.
 Methods: the paper's sorting factor with 1, 2 and 3 subspaces, the sPCA baseline (top K_total principal
-components, keep the highest retained-energy ratio), and whatever variants are asked for with --variants.
+components, keep the highest retained-energy ratio), the proposed model (a mixture of PPCA whose subspaces
+are closed under in-plane rotation, in the PSWF basis band-limited to a third of Nyquist, scored by the
+evidence for each class's rotational average; core/steerable.py), and whatever variants are asked for
+with --variants. Times are wall-clock seconds of the sort alone (the basis expansion is printed once per
+basis) and, in brackets, CPU seconds of this process.
 
     python benchmarks/table1.py             # full size: 60,000 images
     python benchmarks/table1.py --quick     # 6,000 images, under two minutes
     python benchmarks/table1.py --quick --variants all
+    python benchmarks/table1.py --quick --snr 0.077 --junk-fraction 0.1 --variants steerable
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from napari_ppcasort.core.bases import PSWFBasis, expand_particles
+from napari_ppcasort.core.mppca import MixturePPCA
 from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients
-from napari_ppcasort.core.preprocess import ArrayParticles
+from napari_ppcasort.core.preprocess import ArrayParticles, Preprocessor
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE, load_volume, simulate_particles
+from napari_ppcasort.core.sorting import OnlineSorter, SortingFactorScore
+from napari_ppcasort.core.steerable import MeanEvidenceScore, SteerableMixturePPCA, mean_evidence
 
 RIBOSOME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aspire_70s_ribosome_vol65" / "clean70SRibosome_vol_65p.mrc"
 
@@ -57,6 +65,32 @@ VARIANTS = {
     "pca M=3 sum centred": dict(basis="pca", n_subspaces=3, center=True),
 }
 
+#: The proposed method: rotation-closed mixture of PPCA ('steerable') in the PSWF basis with band limit
+#: bandlimit_fraction * Nyquist (None: Nyquist, the full basis), scored by the mean evidence ('evidence',
+#: core/steerable.py), its class term alone ('class evidence', an ablation), or a sorting-factor
+#: combination ('sum', 'min', 'responsibility').
+STEERABLE_SETTINGS = dict(model="steerable", bandlimit_fraction=1 / 3, n_subspaces=3, total_dimension=60,
+                          score="evidence", noise="shared", alpha=0.05, iterations_per_round=6, n_rounds=5)
+
+PROPOSED = {"steerable M=3": {}}
+
+#: Variants of the proposed method (overrides on top of STEERABLE_SETTINGS); --variants steerable runs them all.
+STEERABLE_VARIANTS = {
+    "steerable M=1": dict(n_subspaces=1),
+    "steerable M=2": dict(n_subspaces=2),
+    "steerable M=4": dict(n_subspaces=4),
+    "steerable M=3 K=120": dict(total_dimension=120),
+    "steerable M=3 per-comp noise": dict(noise="per_component"),
+    "steerable M=3 bl 1/4": dict(bandlimit_fraction=1 / 4),
+    "steerable M=3 bl 0.42": dict(bandlimit_fraction=0.42),
+    "steerable M=3 SF sum": dict(score="sum"),
+    "steerable M=3 class evidence": dict(score="class evidence"),
+    # the paper's unconstrained model in the same band-limited basis, with either score
+    "paper-model M=3 SF sum": dict(model="paper", score="sum"),
+    "paper-model M=3 evidence": dict(model="paper"),
+    "paper-model M=1 evidence": dict(model="paper", n_subspaces=1),
+}
+
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for telling ``positive`` (junk) from the rest (Mann-Whitney)."""
@@ -84,19 +118,46 @@ def spca_baseline(coefficients: np.ndarray, total_dimension: int, n_keep: int) -
     return np.sort(np.argsort(score, kind="stable")[:n_keep]), score
 
 
-def run_method(name, coefficients, labels, settings):
-    start = time.perf_counter()
-    sorter = make_sorter(settings)
+def class_evidence_score(model, data) -> np.ndarray:
+    """The own-class term of MeanEvidenceScore alone (an ablation): minus the responsibility-weighted evidences."""
+    return -np.einsum("im,im->i", model.predict_proba(data), mean_evidence(model.parameters(), data))
+
+
+def steerable_sorter(settings: dict, basis: PSWFBasis, random_state: int) -> OnlineSorter:
+    """The online sorter of a STEERABLE_SETTINGS-like dict, on coefficients in ``basis``."""
+    n_subspaces = settings["n_subspaces"]
+    n_dims = settings["total_dimension"] // n_subspaces
+    if settings["model"] == "steerable":
+        model = SteerableMixturePPCA(basis.angular_frequencies, basis.is_sine, basis.radial_indices, n_subspaces,
+                                     n_dims, noise=settings["noise"], random_state=random_state)
+    else:
+        model = MixturePPCA(n_subspaces, n_dims, noise=settings["noise"], random_state=random_state)
+    score = settings["score"]
+    if score == "evidence":
+        scorer = MeanEvidenceScore()
+    elif score == "class evidence":
+        scorer = class_evidence_score
+    else:
+        scorer = SortingFactorScore(score)
+    return OnlineSorter(model, alpha=settings["alpha"], iterations_per_round=settings["iterations_per_round"],
+                        n_rounds=settings["n_rounds"], scorer=scorer)
+
+
+def run_method(name, coefficients, labels, sorter):
+    start, cpu_start = time.perf_counter(), time.process_time()
     for result in sorter.rounds(coefficients):
         pass
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     junk = labels != PARTICLE
     return {
         "name": name,
         "composition": composition(labels[result.kept]),
         "auc": roc_auc(result.final_scores, junk),
+        "auc_outliers": roc_auc(result.final_scores[labels != NOISE], labels[labels != NOISE] == OUTLIER),
+        "auc_noise": roc_auc(result.final_scores[labels != OUTLIER], labels[labels != OUTLIER] == NOISE),
         "kept": result.kept.size,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
     }
 
 
@@ -107,8 +168,22 @@ def main(argv=None) -> None:
     parser.add_argument("--snr", type=float, default=0.1)
     parser.add_argument("--junk-fraction", type=float, default=1 / 12,
                         help="fraction of outliers, and again of pure-noise images (paper: 8.33%%)")
-    parser.add_argument("--variants", nargs="*", default=[], help="extra methods by name, or 'all'")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="extra methods by name, 'all' (the paper's settings), 'steerable' (the proposed model's)")
     args = parser.parse_args(argv)
+    paper_methods = [(f"paper M={m}", dict(n_subspaces=m)) for m in (1, 2, 3)]
+    steerable_methods = list(PROPOSED.items())
+    for name in args.variants:
+        if name == "all":
+            paper_methods += list(VARIANTS.items())
+        elif name == "steerable":
+            steerable_methods += list(STEERABLE_VARIANTS.items())
+        elif name in VARIANTS:
+            paper_methods.append((name, VARIANTS[name]))
+        elif name in STEERABLE_VARIANTS:
+            steerable_methods.append((name, STEERABLE_VARIANTS[name]))
+        else:
+            parser.error(f"unknown variant {name!r}; known: all, steerable, {', '.join([*VARIANTS, *STEERABLE_VARIANTS])}")
     n_particles = 5000 if args.quick else 50000
     n_junk = int(round(n_particles * args.junk_fraction / (1 - 2 * args.junk_fraction)))
 
@@ -132,20 +207,39 @@ def main(argv=None) -> None:
                   f"expansion {time.perf_counter() - t0:.1f} s", flush=True)
         return coefficients[key]
 
-    methods = [(f"paper M={m}", dict(n_subspaces=m)) for m in (1, 2, 3)]
-    names = list(VARIANTS) if args.variants == ["all"] else args.variants
-    methods += [(name, VARIANTS[name]) for name in names]
+    def band_limited(fraction: float | None) -> tuple[PSWFBasis, np.ndarray]:
+        """The PSWF basis with band limit fraction * Nyquist, and the coefficients of the stack in it."""
+        key = ("pswf-bandlimit", fraction)
+        if key not in coefficients:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            preprocessor = Preprocessor(box_size=particles.box_size)
+            radius = preprocessor.radius
+            basis = PSWFBasis(preprocessor.output_box, radius=radius,
+                              bandlimit=None if fraction is None else fraction * np.pi * radius)
+            coefficients[key] = basis, expand_particles(particles, basis, preprocessor)
+            print(f"PSWF basis, band limit {basis.bandlimit:.1f}: {basis.n_coefficients} coefficients per image, "
+                  f"basis and expansion {time.perf_counter() - t0:.1f} s (CPU {time.process_time() - cpu0:.1f} s)",
+                  flush=True)
+        return coefficients[key]
+
     rows = []
-    for name, overrides in methods:
+    for name, overrides in paper_methods:
         settings = SortSettings(**{**PAPER_SETTINGS, "random_state": args.seed, **overrides})
-        rows.append(run_method(name, coefficients_for(settings), labels, settings))
+        rows.append(run_method(name, coefficients_for(settings), labels, make_sorter(settings)))
+        print_row(rows[-1], flush=True)
+    for name, overrides in steerable_methods:
+        settings = {**STEERABLE_SETTINGS, **overrides}
+        basis, band_coefficients = band_limited(settings["bandlimit_fraction"])
+        rows.append(run_method(name, band_coefficients, labels, steerable_sorter(settings, basis, args.seed)))
         print_row(rows[-1], flush=True)
 
     n_keep = rows[0]["kept"]
     t0 = time.perf_counter()
     kept, score = spca_baseline(coefficients_for(SortSettings(**PAPER_SETTINGS)), 60, n_keep)
     rows.append({"name": "sPCA", "composition": composition(labels[kept]), "auc": roc_auc(score, labels != PARTICLE),
-                 "kept": kept.size, "seconds": time.perf_counter() - t0})
+                 "auc_outliers": roc_auc(score[labels != NOISE], labels[labels != NOISE] == OUTLIER),
+                 "auc_noise": roc_auc(score[labels != OUTLIER], labels[labels != OUTLIER] == NOISE),
+                 "kept": kept.size, "seconds": time.perf_counter() - t0, "cpu_seconds": float("nan")})
     print_row(rows[-1], flush=True)
     print()
     print_table(rows, labels)
@@ -153,21 +247,26 @@ def main(argv=None) -> None:
 
 def print_row(row, **kwargs):
     p, o, n = row["composition"]
-    print(f"  {row['name']:<24} particles {p:6.2f}%  outliers {o:5.2f}%  noise {n:5.2f}%  "
-          f"AUC {row['auc']:.3f}  kept {row['kept']}  {row['seconds']:.1f} s", **kwargs)
+    print(f"  {row['name']:<28} particles {p:6.2f}%  outliers {o:5.2f}%  noise {n:5.2f}%  "
+          f"AUC {row['auc']:.4f} (outliers {row['auc_outliers']:.4f}, noise {row['auc_noise']:.4f})  "
+          f"kept {row['kept']}  {row['seconds']:.1f} s (CPU {row['cpu_seconds']:.1f} s)", **kwargs)
 
 
 def print_table(rows, labels):
-    header = f"| {'method':<24} | {'% particles':>11} | {'% outliers':>10} | {'% noise':>7} | {'ROC AUC':>7} | {'kept':>6} | {'time (s)':>8} | paper (% p / o / n) |"
+    header = (f"| {'method':<28} | {'% particles':>11} | {'% outliers':>10} | {'% noise':>7} | {'ROC AUC':>7} | "
+              f"{'AUC outl.':>9} | {'AUC noise':>9} | {'kept':>6} | {'time (s)':>8} | {'CPU (s)':>7} | paper (% p / o / n) |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-    raw = {"name": "raw", "composition": composition(labels), "auc": float("nan"), "kept": labels.size, "seconds": 0.0}
+    nan = float("nan")
+    raw = {"name": "raw", "composition": composition(labels), "auc": nan, "auc_outliers": nan, "auc_noise": nan,
+           "kept": labels.size, "seconds": 0.0, "cpu_seconds": 0.0}
     for row in [raw, *rows]:
         p, o, n = row["composition"]
         paper = PAPER.get(row["name"])
         paper_text = " / ".join(f"{v:.2f}" for v in paper) if paper else ""
-        print(f"| {row['name']:<24} | {p:>11.2f} | {o:>10.2f} | {n:>7.2f} | {row['auc']:>7.3f} | {row['kept']:>6} | "
-              f"{row['seconds']:>8.1f} | {paper_text:<19} |")
+        print(f"| {row['name']:<28} | {p:>11.2f} | {o:>10.2f} | {n:>7.2f} | {row['auc']:>7.4f} | "
+              f"{row['auc_outliers']:>9.4f} | {row['auc_noise']:>9.4f} | {row['kept']:>6} | {row['seconds']:>8.1f} | "
+              f"{row['cpu_seconds']:>7.1f} | {paper_text:<19} |")
 
 
 if __name__ == "__main__":
