@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-__all__ = ["MixturePPCA", "MixtureParameters", "NOISE_MODELS"]
+__all__ = ["MixturePPCA", "MixtureParameters", "MixtureScoring", "NOISE_MODELS"]
 
 NOISE_MODELS = ("shared", "per_component")
 
@@ -72,7 +72,27 @@ class MixtureParameters:
         return axes, variances
 
 
-class MixturePPCA:
+class MixtureScoring:
+    """What every mixture model here derives from its ``log_densities(data) -> (N, M)`` method."""
+
+    def log_densities(self, data) -> np.ndarray:
+        raise NotImplementedError
+
+    def score_samples(self, data) -> np.ndarray:
+        """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
+        return _logsumexp(self.log_densities(data))
+
+    def predict_proba(self, data) -> np.ndarray:
+        """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
+        log_dens = self.log_densities(data)
+        return np.exp(log_dens - _logsumexp(log_dens)[:, None])
+
+    def score(self, data) -> float:
+        """Mean log-likelihood per sample."""
+        return float(self.score_samples(data).mean())
+
+
+class MixturePPCA(MixtureScoring):
     """Mixture of M probabilistic PCA models of dimension K each, fitted by EM.
 
     Parameters
@@ -299,19 +319,6 @@ class MixturePPCA:
         self.n_iter_ += 1
         return mean_log_likelihood
 
-    def score_samples(self, data) -> np.ndarray:
-        """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
-        return _logsumexp(self._log_densities_all(data))
-
-    def predict_proba(self, data) -> np.ndarray:
-        """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
-        log_dens = self._log_densities_all(data)
-        return np.exp(log_dens - _logsumexp(log_dens)[:, None])
-
-    def score(self, data) -> float:
-        """Mean log-likelihood per sample."""
-        return float(self.score_samples(data).mean())
-
     def parameters(self) -> MixtureParameters:
         """A copy of the current parameters."""
         return MixtureParameters(
@@ -322,7 +329,8 @@ class MixturePPCA:
         )
 
     # ------------------------------------------------------------------ internals
-    def _log_densities_all(self, data) -> np.ndarray:
+    def log_densities(self, data) -> np.ndarray:
+        """log pi_m + log N(y_i | mu_m, C_m) for each row of ``data`` (N, L) and component, shape (N, M)."""
         data = self._check_data(data, fitting=False)
         stacked = self.components_.transpose(2, 0, 1).reshape(data.shape[1], -1)
         out = np.empty((data.shape[0], self.n_components))

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .mppca import MixtureParameters, _kmeans, _logsumexp
+from .mppca import MixtureParameters, MixtureScoring, _kmeans, _logsumexp
 
 __all__ = [
     "MeanEvidenceScore",
@@ -173,7 +173,7 @@ class _Statistics:
                 moments[m] += np.matmul((z * weights[None, :, m, None]).transpose(0, 2, 1), z_conj)
 
 
-class SteerableMixturePPCA:
+class SteerableMixturePPCA(MixtureScoring):
     """Mixture of M probabilistic PCA models whose subspaces are closed under in-plane rotation.
 
     Same interface as :class:`~napari_ppcasort.core.mppca.MixturePPCA` (``initialize``, ``step``, ``fit``,
@@ -364,19 +364,6 @@ class SteerableMixturePPCA:
         for start, rows in self._chunks(data):
             out[start : start + rows.shape[0]] = self._log_densities(rows)
         return out
-
-    def score_samples(self, data) -> np.ndarray:
-        """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
-        return _logsumexp(self.log_densities(data))
-
-    def predict_proba(self, data) -> np.ndarray:
-        """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
-        log_dens = self.log_densities(data)
-        return np.exp(log_dens - _logsumexp(log_dens)[:, None])
-
-    def score(self, data) -> float:
-        """Mean log-likelihood per sample."""
-        return float(self.score_samples(data).mean())
 
     def parameters(self) -> SteerableParameters:
         """A copy of the current parameters."""
