@@ -96,7 +96,7 @@ def throughput(n_pca_components: int = 100) -> None:
         pca_estimated = PCABasis(box).fit(prepared)
         mp_fit = time.perf_counter() - start
 
-        for name, basis, build in ((f"PSWF", pswf, pswf_build), (f"PCA", pca, pca_build)):
+        for name, basis, build in (("PSWF", pswf, pswf_build), ("PCA", pca, pca_build)):
             expand_rate = best_rate(lambda: in_chunks(basis.expand, prepared), n_images)
             together_rate = best_rate(lambda: expand_particles(ArrayParticles(raw), basis, normalize), n_images)
             rows.append((box, name, basis.n_pixels, basis.n_coefficients, build, preprocess_rate, crop_rate,

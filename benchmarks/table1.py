@@ -4,10 +4,11 @@ Data: 50,000 projections of the 70S ribosome (../shared/data/aspire_70s_ribosome
 at uniformly random orientations with small random shifts, SNR 1/10, plus 8.33% outliers (energy-matched
 random crops of the cameraman picture) and 8.33% pure-noise images; K_total = 60, alpha = 5%, P = 6, 5 rounds.
 Methods: the paper's sorting factor with 1, 2 and 3 subspaces, the sPCA baseline (top K_total principal
-components, keep the highest retained-energy ratio), the proposed model (a mixture of PPCA whose subspaces
-are closed under in-plane rotation, in the PSWF basis band-limited to a third of Nyquist, scored by the
+components, keep the highest retained-energy ratio), the proposed model that is the product's default
+(SortSettings(): a mixture of PPCA whose subspaces are closed under in-plane rotation, scored by the
 evidence for each class's rotational average; core/steerable.py), and whatever variants are asked for
-with --variants. Times are wall-clock seconds of the sort alone (the basis expansion is printed once per
+with --variants. Every method runs through the product's pipeline (prepare_coefficients, make_sorter):
+images cropped to 64 px, 300 low-pass PSWF functions unless a variant says otherwise. Times are wall-clock seconds of the sort alone (the basis expansion is printed once per
 basis) and, in brackets, CPU seconds of this process.
 
     python benchmarks/table1.py             # full size: 60,000 images
@@ -25,13 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_ppcasort.core.bases import PSWFBasis, expand_particles
-from napari_ppcasort.core.mppca import MixturePPCA
 from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients
-from napari_ppcasort.core.preprocess import ArrayParticles, Preprocessor
+from napari_ppcasort.core.preprocess import ArrayParticles
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE, load_volume, simulate_particles
-from napari_ppcasort.core.sorting import OnlineSorter, SortingFactorScore
-from napari_ppcasort.core.steerable import MeanEvidenceScore, SteerableMixturePPCA, mean_evidence
+from napari_ppcasort.core.sorting import SortingFactorScore
+from napari_ppcasort.core.steerable import MeanEvidenceScore, mean_evidence
 
 RIBOSOME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aspire_70s_ribosome_vol65" / "clean70SRibosome_vol_65p.mrc"
 
@@ -43,19 +42,19 @@ PAPER = {  # Table 1 of the paper: % particles, % outliers, % noise in the kept 
     "sPCA": (90.1, 9.6, 0.84),
 }
 
-#: The paper's method: sorting factor summed over subspaces, uncentred, PSWF basis.
-PAPER_SETTINGS = dict(basis="pswf", combine="sum", center=False, total_dimension=60, alpha=0.05,
+#: The paper's method: its mixture of PPCA and sorting factor (summed over subspaces, uncentred), in the
+#: product's PSWF basis (300 low-pass functions of the image cropped to 64 px).
+PAPER_SETTINGS = dict(model="paper", basis="pswf", combine="sum", center=False, total_dimension=60, alpha=0.05,
                       iterations_per_round=6, n_rounds=5)
 
 #: Extra methods: name -> settings overrides on top of PAPER_SETTINGS.
 VARIANTS = {
-    "pswf300 M=3 sum": dict(n_subspaces=3, n_coefficients=300),
     "pswf800 M=3 sum": dict(n_subspaces=3, n_coefficients=800),
     "pca300 M=3 sum": dict(basis="pca", n_subspaces=3, n_coefficients=300),
     "pca800 M=3 sum": dict(basis="pca", n_subspaces=3, n_coefficients=800),
     "pca300 M=1 sum": dict(basis="pca", n_subspaces=1, n_coefficients=300),
-    "pca M=1 sum": dict(basis="pca", n_subspaces=1),
-    "pca M=3 sum": dict(basis="pca", n_subspaces=3),
+    "pca M=1 sum": dict(basis="pca", n_subspaces=1, n_coefficients=None),
+    "pca M=3 sum": dict(basis="pca", n_subspaces=3, n_coefficients=None),
     "pswf M=3 min": dict(n_subspaces=3, combine="min"),
     "pswf M=3 min centred": dict(n_subspaces=3, combine="min", center=True),
     "pswf M=3 resp": dict(n_subspaces=3, combine="responsibility"),
@@ -65,32 +64,28 @@ VARIANTS = {
     "pca M=3 sum centred": dict(basis="pca", n_subspaces=3, center=True),
 }
 
-#: The proposed method: rotation-closed mixture of PPCA ('steerable') in the PSWF basis with band limit
-#: bandlimit_fraction * Nyquist (None: Nyquist, the full basis), scored by the mean evidence ('evidence',
-#: core/steerable.py), its class term alone ('class evidence', an ablation), or a sorting-factor
-#: combination ('sum', 'min', 'responsibility').
-STEERABLE_SETTINGS = dict(model="steerable", bandlimit_fraction=1 / 3, n_subspaces=3, total_dimension=60,
-                          score="evidence", noise="shared", alpha=0.05, iterations_per_round=6, n_rounds=5)
+#: The proposed method is the product's default: SortSettings() (rotation-closed mixture of PPCA, M = 3,
+#: K_total = 60, scored by the mean evidence; core/steerable.py), on the Table 1 schedule (the defaults too).
+PROPOSED = {"steerable M=3 (default)": {}}
 
-PROPOSED = {"steerable M=3": {}}
-
-#: Variants of the proposed method (overrides on top of STEERABLE_SETTINGS); --variants steerable runs them all.
+#: Variants of the proposed method: SortSettings overrides, and 'score' to swap the junk score for an ablation
+#: ('class evidence': the own-class term of the mean evidence alone; 'sum': the paper's sorting factor;
+#: 'evidence': the mean evidence on the paper's model). --variants steerable runs them all.
 STEERABLE_VARIANTS = {
     "steerable M=1": dict(n_subspaces=1),
     "steerable M=2": dict(n_subspaces=2),
     "steerable M=4": dict(n_subspaces=4),
     "steerable M=3 K=120": dict(total_dimension=120),
     "steerable M=3 per-comp noise": dict(noise="per_component"),
-    "steerable M=3 bl 1/4": dict(bandlimit_fraction=1 / 4),
-    "steerable M=3 bl 0.42": dict(bandlimit_fraction=0.42),
+    "steerable M=3 L=180": dict(n_coefficients=180),
+    "steerable M=3 L=500": dict(n_coefficients=500),
+    "steerable M=3 71 px": dict(box_size=None),
     "steerable M=3 SF sum": dict(score="sum"),
     "steerable M=3 class evidence": dict(score="class evidence"),
-    # the paper's unconstrained model in the same band-limited basis, with either score
-    "paper-model M=3 SF sum": dict(model="paper", score="sum"),
-    "paper-model M=3 evidence": dict(model="paper"),
-    "paper-model M=1 evidence": dict(model="paper", n_subspaces=1),
+    # the paper's unconstrained model in the same basis, scored by the mean evidence
+    "paper-model M=3 evidence": dict(model="paper", score="evidence"),
+    "paper-model M=1 evidence": dict(model="paper", n_subspaces=1, score="evidence"),
 }
-
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for telling ``positive`` (junk) from the rest (Mann-Whitney)."""
@@ -123,24 +118,7 @@ def class_evidence_score(model, data) -> np.ndarray:
     return -np.einsum("im,im->i", model.predict_proba(data), mean_evidence(model.parameters(), data))
 
 
-def steerable_sorter(settings: dict, basis: PSWFBasis, random_state: int) -> OnlineSorter:
-    """The online sorter of a STEERABLE_SETTINGS-like dict, on coefficients in ``basis``."""
-    n_subspaces = settings["n_subspaces"]
-    n_dims = settings["total_dimension"] // n_subspaces
-    if settings["model"] == "steerable":
-        model = SteerableMixturePPCA(basis.angular_frequencies, basis.is_sine, basis.radial_indices, n_subspaces,
-                                     n_dims, noise=settings["noise"], random_state=random_state)
-    else:
-        model = MixturePPCA(n_subspaces, n_dims, noise=settings["noise"], random_state=random_state)
-    score = settings["score"]
-    if score == "evidence":
-        scorer = MeanEvidenceScore()
-    elif score == "class evidence":
-        scorer = class_evidence_score
-    else:
-        scorer = SortingFactorScore(score)
-    return OnlineSorter(model, alpha=settings["alpha"], iterations_per_round=settings["iterations_per_round"],
-                        n_rounds=settings["n_rounds"], scorer=scorer)
+ABLATION_SCORES = {"evidence": MeanEvidenceScore(), "class evidence": class_evidence_score, "sum": SortingFactorScore("sum")}
 
 
 def run_method(name, coefficients, labels, sorter):
@@ -196,46 +174,38 @@ def main(argv=None) -> None:
     print(f"simulated {labels.size} images (71 px, SNR {args.snr:g}) in {t_sim:.1f} s", flush=True)
 
     particles = ArrayParticles(stack.images)
-    coefficients = {}
+    prepared = {}
 
-    def coefficients_for(settings: SortSettings) -> np.ndarray:
-        key = (settings.basis, settings.n_coefficients)
-        if key not in coefficients:
-            t0 = time.perf_counter()
-            coefficients[key] = prepare_coefficients(particles, settings).coefficients
-            print(f"{settings.basis.upper()} basis: {coefficients[key].shape[1]} coefficients per image, "
-                  f"expansion {time.perf_counter() - t0:.1f} s", flush=True)
-        return coefficients[key]
-
-    def band_limited(fraction: float | None) -> tuple[PSWFBasis, np.ndarray]:
-        """The PSWF basis with band limit fraction * Nyquist, and the coefficients of the stack in it."""
-        key = ("pswf-bandlimit", fraction)
-        if key not in coefficients:
+    def prepared_for(settings: SortSettings):
+        """The coefficients (and basis) of the stack for ``settings``, computed once per basis."""
+        key = (settings.basis, settings.n_coefficients, settings.box_size)
+        if key not in prepared:
             t0, cpu0 = time.perf_counter(), time.process_time()
-            preprocessor = Preprocessor(box_size=particles.box_size)
-            radius = preprocessor.radius
-            basis = PSWFBasis(preprocessor.output_box, radius=radius,
-                              bandlimit=None if fraction is None else fraction * np.pi * radius)
-            coefficients[key] = basis, expand_particles(particles, basis, preprocessor)
-            print(f"PSWF basis, band limit {basis.bandlimit:.1f}: {basis.n_coefficients} coefficients per image, "
-                  f"basis and expansion {time.perf_counter() - t0:.1f} s (CPU {time.process_time() - cpu0:.1f} s)",
-                  flush=True)
-        return coefficients[key]
+            prepared[key] = prepare_coefficients(particles, settings)
+            print(f"{settings.basis.upper()} basis ({settings.box_size or 71} px): "
+                  f"{prepared[key].coefficients.shape[1]} coefficients per image, basis and expansion "
+                  f"{time.perf_counter() - t0:.1f} s (CPU {time.process_time() - cpu0:.1f} s)", flush=True)
+        return prepared[key]
+
+    def run(name, settings: SortSettings, score: str | None = None):
+        coefficients = prepared_for(settings)
+        sorter = make_sorter(settings, coefficients.basis)
+        if score is not None:
+            sorter.scorer = ABLATION_SCORES[score]
+        rows.append(run_method(name, coefficients.coefficients, labels, sorter))
+        print_row(rows[-1], flush=True)
 
     rows = []
     for name, overrides in paper_methods:
-        settings = SortSettings(**{**PAPER_SETTINGS, "random_state": args.seed, **overrides})
-        rows.append(run_method(name, coefficients_for(settings), labels, make_sorter(settings)))
-        print_row(rows[-1], flush=True)
+        run(name, SortSettings(**{**PAPER_SETTINGS, "random_state": args.seed, **overrides}))
     for name, overrides in steerable_methods:
-        settings = {**STEERABLE_SETTINGS, **overrides}
-        basis, band_coefficients = band_limited(settings["bandlimit_fraction"])
-        rows.append(run_method(name, band_coefficients, labels, steerable_sorter(settings, basis, args.seed)))
-        print_row(rows[-1], flush=True)
+        overrides = dict(overrides)
+        score = overrides.pop("score", None)
+        run(name, SortSettings(**{"random_state": args.seed, **overrides}), score)
 
     n_keep = rows[0]["kept"]
     t0 = time.perf_counter()
-    kept, score = spca_baseline(coefficients_for(SortSettings(**PAPER_SETTINGS)), 60, n_keep)
+    kept, score = spca_baseline(prepared_for(SortSettings(**PAPER_SETTINGS)).coefficients, 60, n_keep)
     rows.append({"name": "sPCA", "composition": composition(labels[kept]), "auc": roc_auc(score, labels != PARTICLE),
                  "auc_outliers": roc_auc(score[labels != NOISE], labels[labels != NOISE] == OUTLIER),
                  "auc_noise": roc_auc(score[labels != OUTLIER], labels[labels != OUTLIER] == NOISE),

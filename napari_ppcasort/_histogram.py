@@ -1,8 +1,9 @@
 """A docked matplotlib histogram of junk scores with the cut drawn on it, themed like napari.
 
 The figure lives in a FigureCanvas inside a QWidget (as napari-matplotlib does) and takes its colours
-from the viewer's current theme, following theme changes. Scores are binned on a logarithmic axis:
-sorting factors are positive ratios whose junk tail spans decades.
+from the viewer's current theme, following theme changes. Scores are binned as in the report
+(``core.report.score_bin_edges``): on a logarithmic axis when they are positive and span decades (the
+paper's sorting factors), on a linear one otherwise (the steerable model's signed evidence).
 
 Redrawing a whole figure (axes, ticks, labels) takes tens of milliseconds of main-thread time, so the
 parts that change every pruning round (the bars, the cut line, the title) are "animated" artists
@@ -19,6 +20,8 @@ from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
+from .core.report import score_bin_edges
+
 __all__ = ["ScoreHistogram"]
 
 N_BINS = 60
@@ -33,7 +36,8 @@ class ScoreHistogram(QWidget):
     Attributes:
         scores: (n,) float64, the scores last shown.
         counts: (N_BINS,) int, their histogram.
-        edges: (N_BINS + 1,) float64, the bin edges (logarithmically spaced over the scores' range).
+        edges: (N_BINS + 1,) float64, the bin edges over the scores' range.
+        logarithmic: whether the score axis (and the bins) are logarithmic.
         cut: the score of the cut line (images scoring above it are removed), or None.
         n_full_draws: how many times the whole figure was drawn (the rest are blits).
     """
@@ -54,16 +58,15 @@ class ScoreHistogram(QWidget):
 
         self.scores = np.empty(0)
         self.counts = np.zeros(N_BINS, dtype=np.int64)
-        self.edges = np.geomspace(1e-3, 1.0, N_BINS + 1)
+        self.edges = np.linspace(0.0, 1.0, N_BINS + 1)
         self.cut: float | None = None
         self.n_full_draws = 0
         self._limits_set = False
+        self.logarithmic = False
         self._bars = self.axes.stairs(self.counts, self.edges, fill=True, animated=True)
         self._cut_line = self.axes.axvline(1.0, linewidth=1.5, linestyle="--", visible=False, animated=True)
-        self.axes.set_xscale("log")
-        self.axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         self.axes.set_xlim(self.edges[0], self.edges[-1])
-        self.axes.set_xlabel("junk score (sorting factor)")
+        self.axes.set_xlabel("junk score")
         self.axes.set_ylabel("images")
         self.axes.set_title("no sort yet", fontsize="medium")
         self.axes.title.set_animated(True)
@@ -73,8 +76,14 @@ class ScoreHistogram(QWidget):
         self._apply_theme()
         viewer.events.theme.connect(self._apply_theme)
 
-    def clear(self, title: str) -> None:
-        """Empty the histogram (a new sort starts); the next scores choose new axis limits."""
+    def clear(self, title: str, label: str | None = None) -> None:
+        """Empty the histogram (a new sort starts); the next scores choose new axis limits.
+
+        ``label`` names the score on the x axis (``core.pipeline.score_label``); None keeps the current one.
+        """
+        if label is not None and label != self.axes.get_xlabel():
+            self.axes.set_xlabel(label)
+            self._background = None  # the axis label is part of the cached background
         self.scores = np.empty(0)
         self.counts = np.zeros(N_BINS, dtype=np.int64)
         self._bars.set_data(self.counts, self.edges)
@@ -86,20 +95,21 @@ class ScoreHistogram(QWidget):
     def show_scores(self, scores: np.ndarray, cut: float | None, title: str) -> None:
         """Replace the histogram by that of ``scores`` (n,) and draw the cut at ``cut``."""
         self.scores = np.asarray(scores, dtype=np.float64)
-        positive = self.scores[self.scores > 0]
-        low, high = (positive.min(), positive.max()) if positive.size else (1e-3, 1.0)
-        if high <= low:
-            low, high = low / 2, high * 2
-        self.edges = np.geomspace(low, high, N_BINS + 1)
-        # scores of exactly zero (an image inside the subspaces) are counted in the first bin
+        self.edges, logarithmic = score_bin_edges(self.scores, N_BINS)
+        low, high = self.edges[0], self.edges[-1]
         self.counts, _ = np.histogram(np.clip(self.scores, low, high), bins=self.edges)
         self._bars.set_data(self.counts, self.edges)
         self.axes.title.set_text(title)
         self._move_cut(cut)
         left, right = self.axes.get_xlim()
-        if not self._limits_set or low < left or high > right \
+        if not self._limits_set or logarithmic != self.logarithmic or low < left or high > right \
                 or self.counts.max() > self.axes.get_ylim()[1]:
-            self.axes.set_xlim(low / X_MARGIN, high * X_MARGIN)
+            self._set_scale(logarithmic)
+            if logarithmic:
+                self.axes.set_xlim(low / X_MARGIN, high * X_MARGIN)
+            else:
+                margin = (high - low) * (X_MARGIN - 1) / 2
+                self.axes.set_xlim(low - margin, high + margin)
             self.axes.set_ylim(0, max(1, self.counts.max()) * Y_MARGIN)
             self._limits_set = True
             self.canvas.draw()
@@ -110,6 +120,14 @@ class ScoreHistogram(QWidget):
         """Move the cut line to ``cut`` (None hides it)."""
         self._move_cut(cut)
         self._blit()
+
+    def _set_scale(self, logarithmic: bool) -> None:
+        if logarithmic == self.logarithmic:
+            return
+        self.logarithmic = logarithmic
+        self.axes.set_xscale("log" if logarithmic else "linear")
+        if logarithmic:
+            self.axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
 
     def _move_cut(self, cut: float | None) -> None:
         self.cut = None if cut is None else float(cut)

@@ -37,7 +37,7 @@ from ._histogram import ScoreHistogram
 from ._reader import PARTICLE_SUFFIXES, LayerParticleSet, ParticleStack, stack_layer_kwargs
 from ._worker import CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortStarted, run_sort
 from .core.particles import ParticleFileError, open_particles
-from .core.pipeline import BASES, SortSettings, export_results
+from .core.pipeline import BASES, MODELS, SortSettings, export_results, score_label
 from .core.preprocess import default_radius, disk_mask
 
 __all__ = ["SortWidget", "MEANS_LAYER", "COMPONENTS_LAYER", "KEPT_LAYER", "REJECTED_LAYER"]
@@ -113,6 +113,10 @@ class SortWidget(QWidget):
                                       value=defaults.n_coefficients or 0,
                                       tooltip="number of basis coefficients per image (0: estimated from the noise, PCA)")
         self.n_coefficients.native.setSpecialValueText("auto")
+        self.model = ComboBox(label="model", choices=list(MODELS), value=defaults.model,
+                              tooltip="steerable: subspaces closed under in-plane rotation, scored by the evidence for "
+                                      "the class averages (needs the pswf basis); paper: the paper's subspaces and "
+                                      "sorting factor")
         self.basis = ComboBox(label="basis", choices=list(BASES), value=defaults.basis,
                               tooltip="pca: principal components of the images; pswf: prolate spheroidal wave functions")
         self.n_subspaces = SpinBox(label="subspaces M", min=1, max=MAX_SUBSPACES, value=defaults.n_subspaces)
@@ -128,7 +132,7 @@ class SortWidget(QWidget):
                                   tooltip="stop when this percentage of the stack is left")
         self.seed = SpinBox(label="random seed", min=0, max=2**31 - 1, value=defaults.random_state)
         self.parameters = Container(widgets=[
-            self.source, self.file, self.crop, self.basis, self.n_coefficients, self.n_subspaces,
+            self.source, self.file, self.crop, self.model, self.basis, self.n_coefficients, self.n_subspaces,
             self.total_dimension, self.alpha, self.iterations, self.stop, self.n_rounds, self.target, self.seed])
 
         self.source.changed.connect(self._on_source_changed)
@@ -137,6 +141,8 @@ class SortWidget(QWidget):
         self.n_coefficients.changed.connect(self._update_limits)
         self.n_subspaces.changed.connect(self._update_limits)
         self.stop.changed.connect(self._on_stop_changed)
+        self.model.changed.connect(self._on_model_changed)
+        self._on_model_changed()
 
     def _build_controls(self) -> None:
         self.run_button = PushButton(text="Run")
@@ -229,6 +235,13 @@ class SortWidget(QWidget):
         self.total_dimension.max = largest_total
         self.n_subspaces.max = max(1, min(MAX_SUBSPACES, self.total_dimension.max))
 
+    def _on_model_changed(self, value=None) -> None:
+        """The steerable model needs the steerable (PSWF) basis: fix the basis while it is chosen."""
+        steerable = self.model.value == "steerable"
+        if steerable:
+            self.basis.value = "pswf"
+        self.basis.enabled = not steerable
+
     def _on_stop_changed(self, value=None) -> None:
         by_rounds = self.stop.value == STOP_ROUNDS
         self.n_rounds.visible = by_rounds
@@ -240,6 +253,7 @@ class SortWidget(QWidget):
         box = shape[1] if shape else None
         by_rounds = self.stop.value == STOP_ROUNDS
         return SortSettings(
+            model=self.model.value,
             n_subspaces=int(self.n_subspaces.value),
             total_dimension=int(self.total_dimension.value),
             alpha=float(self.alpha.value) / 100,
@@ -282,7 +296,7 @@ class SortWidget(QWidget):
         self._run = (particles, settings, stack)
         self._final = None
         self._prepare_output_layers(settings, particles.box_size)
-        self.histogram.clear("waiting for the first pruning round")
+        self.histogram.clear("waiting for the first pruning round", score_label(settings))
         self._set_review_enabled(False)
         self._cancel = threading.Event()
         self._round_shown = threading.Event()

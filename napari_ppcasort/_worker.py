@@ -103,7 +103,7 @@ def run_sort(particles, settings: SortSettings, cancel: threading.Event, n_compo
         prepared = yield from _prepare_coefficients(particles, settings, cancel)
         if prepared is None:
             return
-        sorter = make_sorter(settings)
+        sorter = make_sorter(settings, prepared.basis)
         sorter.start(prepared.coefficients)
         n_rounds = len(sorter.schedule)
         yield SortStarted(n_rounds, prepared.coefficients.shape[0], prepared.coefficients.shape[1])

@@ -29,6 +29,7 @@ from . import __version__
 from .core.particles import ParticleFileError, open_particles
 from .core.pipeline import (
     BASES,
+    MODELS,
     OutputExistsError,
     SortSettings,
     existing_outputs,
@@ -54,7 +55,7 @@ DEMO_SETTINGS: dict = {}
 DEMO_OUTPUT = "ppcasort-demo"
 DEMO_NAME = "simulated"
 #: Choices of the text-valued settings.
-SETTING_CHOICES = {"basis": BASES, "combine": COMBINATIONS}
+SETTING_CHOICES = {"model": MODELS, "basis": BASES, "combine": COMBINATIONS}
 #: The widget as napari.yaml names it.
 PLUGIN_NAME, WIDGET_NAME = "napari-ppcasort", "Sort particles"
 BAR_WIDTH = 16
@@ -271,7 +272,7 @@ def _sort_and_write(particles, settings: SortSettings, out_dir: Path, *, force: 
     except BadImageError as error:
         raise ParticleFileError(f"{particles.path}: {error}") from None
     progress.coefficients_done(prepared.coefficients, settings.basis.upper())
-    final = _sort_rounds(make_sorter(settings), prepared.coefficients, progress)
+    final = _sort_rounds(make_sorter(settings, prepared.basis), prepared.coefficients, progress)
     kept_mask = final.removal_round == 0
     written = export_results(particles, final, kept_mask, out_dir, settings, force=force)
     means, components = subspace_images(prepared.basis, final.parameters, N_COMPONENTS_SHOWN)

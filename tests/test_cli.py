@@ -31,7 +31,7 @@ TOY = TOY_FOLDER / "toy_projections.star"
 # Small settings so a sort of the 1000 toy images (30 px, noise-free: nothing to normalise) takes seconds.
 # Counts below follow from alpha and the rounds, given explicitly so that changing the product defaults does not
 # change them.
-TOY_SETTINGS = ["--no-normalize", "--basis", "pca", "--n-coefficients", "40", "--total-dimension", "12", "--alpha", "0.05",
+TOY_SETTINGS = ["--model", "paper", "--no-normalize", "--basis", "pca", "--n-coefficients", "40", "--total-dimension", "12", "--alpha", "0.05",
                 "--n-rounds", "2", "--iterations-per-round", "2"]
 TINY_SETTINGS = ["--n-subspaces", "1", "--total-dimension", "2", "--n-coefficients", "4", "--alpha", "0.05",
                  "--n-rounds", "2"]
@@ -90,7 +90,7 @@ def test_sort_writes_readable_kept_and_rejected_sets_scores_parameters_and_repor
         assert rejected.table["ppcasortRound"].isin([1, 2]).all()
 
     parameters = json.loads((out / "parameters.json").read_text())
-    expected = SortSettings(normalize=False, basis="pca", n_coefficients=40, total_dimension=12, alpha=0.05, n_rounds=2,
+    expected = SortSettings(model="paper", normalize=False, basis="pca", n_coefficients=40, total_dimension=12, alpha=0.05, n_rounds=2,
                             iterations_per_round=2)
     assert parameters["settings"] == expected.to_dict()
     assert (parameters["n_particles"], parameters["n_kept"], parameters["rounds"]) == (1000, 902, 2)
@@ -226,7 +226,8 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
         "no stopping rule": (["sort", TOY, "-o", out, "--n-rounds", "none"], r"give n_rounds, target_kept_fraction"),
         "unknown basis": (["sort", TOY, "-o", out, "--basis", "fourier"], r"argument --basis: invalid choice"),
         "dimension above the basis": (["sort", DATA / "aspire_sample_real17" / "sample.mrcs", "-o", out,
-                                       "--box-size", "32", "--basis", "pca", "--n-coefficients", "none"],
+                                       "--box-size", "32", "--model", "paper", "--basis", "pca", "--n-coefficients",
+                                       "none"],
                                       r"basis gives \d+ coefficients, not more than the total dimension 60"),
         "too few images": (["sort", EMPIAR / "empiar_10076_7.mrc", "-o", out, "--n-subspaces", "2",
                             "--total-dimension", "4", "--n-coefficients", "5", "--box-size", "32"],
@@ -259,7 +260,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
 
 def test_an_unexpected_error_is_not_dressed_as_an_input_error(tmp_path, monkeypatch):
     # the console script lets it through: a traceback and exit status 1
-    def broken(settings):
+    def broken(settings, basis):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr("napari_ppcasort.cli.make_sorter", broken)

@@ -30,7 +30,7 @@ def sort():
     """(last SortRound, means (M, 16, 16), components (M, 3, 16, 16)) of a small simulated sort."""
     stack = simulate_particles(240, n_outliers=30, n_noise=30, box_size=16, snr=1.0, random_state=1)
     prepared = prepare_coefficients(ArrayParticles(stack.images), SETTINGS)
-    *_, final = make_sorter(SETTINGS).rounds(prepared.coefficients)
+    *_, final = make_sorter(SETTINGS, prepared.basis).rounds(prepared.coefficients)
     means, components = subspace_images(prepared.basis, final.parameters, N_SHOWN)
     return final, means, components
 
@@ -135,9 +135,9 @@ def test_report_renders_headless_without_pyplot_or_qt(tmp_path):
 import sys, numpy as np
 from napari_ppcasort.core.pipeline import SortSettings, make_sorter
 from napari_ppcasort.core.report import write_report
-settings = SortSettings(n_subspaces=1, total_dimension=2, n_rounds=1, iterations_per_round=1)
+settings = SortSettings(model='paper', n_subspaces=1, total_dimension=2, n_rounds=1, iterations_per_round=1)
 data = np.random.default_rng(0).normal(size=(50, 6))
-final = next(make_sorter(settings).rounds(data))
+final = next(make_sorter(settings, None).rounds(data))
 write_report({str(tmp_path / 'r.png')!r}, final, final.removal_round == 0, np.ones((1, 8, 8)), np.ones((1, 1, 8, 8)))
 loaded = [name for name in sys.modules if name.split('.')[0] in ('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy')
           or name == 'matplotlib.pyplot']

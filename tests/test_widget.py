@@ -22,7 +22,8 @@ from napari_ppcasort._widget import (
     montage,
 )
 from napari_ppcasort._worker import IterationDone, RoundDone, RunFailed, run_sort
-from napari_ppcasort.core.pipeline import SortSettings
+from napari_ppcasort.core.mppca import MixtureParameters
+from napari_ppcasort.core.pipeline import SortSettings, score_label
 from napari_ppcasort.core.particles import open_particles
 
 RUN_TIMEOUT_MS = 120_000
@@ -57,7 +58,7 @@ def dock(viewer) -> SortWidget:
 
 
 def quick_settings(widget, rounds=3, iterations=2):
-    """Small, fast settings: 3 subspaces of dimension 4 in 40 PCA coefficients."""
+    """Small, fast settings: 3 subspaces of dimension 4 in 40 basis coefficients."""
     widget.n_coefficients.value = 40
     widget.n_subspaces.value = 3
     widget.total_dimension.value = 12
@@ -143,6 +144,10 @@ def test_run_on_sample_updates_once_per_round(qtbot, sample_widget):
     # after the run the histogram shows the final scores of every image, cut at the engine's cut
     np.testing.assert_array_equal(widget.histogram.scores, last.final_scores)
     assert widget.histogram.counts.sum() == 2000
+    # the default model scores by signed evidence (SD): a linear axis named after that score
+    assert widget.model.value == "steerable" and widget.basis.value == "pswf" and not widget.basis.enabled
+    assert widget.histogram.axes.get_xlabel() == score_label(widget.settings())
+    assert not widget.histogram.logarithmic and last.final_scores.min() < 0
     assert widget.score_threshold == pytest.approx(last.cut)
     np.testing.assert_array_equal(widget.kept_mask, last.removal_round == 0)
     np.testing.assert_array_equal(viewer.layers[KEPT_LAYER].data.indices, last.kept)
@@ -276,6 +281,22 @@ def test_in_memory_layer_sorts_and_exports(qtbot, make_napari_viewer, sample_lay
     np.testing.assert_array_equal(back.read(np.arange(back.n_particles)), images[kept])
 
 
+def test_paper_model_runs_with_its_sorting_factor_on_a_log_axis(qtbot, sample_widget):
+    viewer, widget = sample_widget
+    widget.model.value = "paper"
+    assert widget.basis.enabled
+    widget.basis.value = "pca"
+    assert widget.settings().model == "paper" and widget.settings().basis == "pca"
+    run_to_end(qtbot, widget)
+    final = widget._final
+    assert isinstance(final.parameters, MixtureParameters) and not hasattr(final.parameters, "axes")
+    np.testing.assert_array_equal(widget.histogram.scores, final.final_scores)
+    assert (final.final_scores > 0).all() and widget.histogram.logarithmic
+    assert widget.histogram.axes.get_xlabel() == "junk score (sorting factor)"
+    widget.model.value = "steerable"  # back to the steerable model: its basis again
+    assert widget.basis.value == "pswf" and not widget.basis.enabled
+
+
 def test_bad_input_and_parameters_are_notifications(qtbot, make_napari_viewer, sample_layer, tmp_path, errors):
     viewer = make_napari_viewer()
     widget = dock(viewer)
@@ -289,6 +310,7 @@ def test_bad_input_and_parameters_are_notifications(qtbot, make_napari_viewer, s
     assert "broken.mrcs" in errors[-1]
 
     widget.file.value = write_stack(tmp_path / "good.mrcs", sample_layer)
+    widget.model.value = "paper"
     widget.basis.value = "pca"
     widget.n_coefficients.value = 0  # automatic: PCA finds fewer coefficients than the dimension asked
     widget.total_dimension.value = 100
@@ -338,7 +360,7 @@ def test_run_sort_yields_one_event_per_iteration_and_round(sample_layer):
 
 def test_run_sort_reports_bad_input_and_stops_when_cancelled(sample_layer):
     particles = sample_layer[0].particles
-    too_big = SortSettings(n_subspaces=2, total_dimension=40, basis="pca", n_coefficients=None, n_rounds=2)
+    too_big = SortSettings(model="paper", n_subspaces=2, total_dimension=40, basis="pca", n_coefficients=None, n_rounds=2)
     events = list(run_sort(particles, too_big, threading.Event()))
     assert isinstance(events[-1], RunFailed) and "total dimension 40" in events[-1].message
     cancel = threading.Event()

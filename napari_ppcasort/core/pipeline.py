@@ -2,7 +2,7 @@
 
     settings = SortSettings(n_subspaces=3, total_dimension=60)
     prepared = prepare_coefficients(particles, settings)          # images -> basis coefficients
-    sorter = make_sorter(settings)
+    sorter = make_sorter(settings, prepared.basis)                # model + score + pruning schedule
     for result in sorter.rounds(prepared.coefficients): ...       # one SortRound per pruning round
     export_results(particles, result, kept_mask, out_dir, settings)
 """
@@ -23,9 +23,12 @@ from .bases import PCABasis, PSWFBasis, expand_particles
 from .mppca import NOISE_MODELS, MixtureParameters, MixturePPCA
 from .preprocess import Preprocessor
 from .sorting import COMBINATIONS, OnlineSorter, SortingFactorScore, SortRound
+from .steerable import MeanEvidenceScore, SteerableMixturePPCA
 
 __all__ = [
     "BASES",
+    "MODELS",
+    "score_label",
     "OUTPUT_NAMES",
     "SortSettings",
     "PreparedCoefficients",
@@ -38,6 +41,9 @@ __all__ = [
 ]
 
 BASES = ("pca", "pswf")
+#: 'steerable': rotation-closed mixture of PPCA scored by the mean evidence (core/steerable.py), the default;
+#: 'paper': the paper's mixture of PPCA scored by the sorting factor (core/mppca.py, core/sorting.py).
+MODELS = ("steerable", "paper")
 #: Files an export writes in its output folder (the .star/.mrcs pair, or .cs, per set).
 OUTPUT_NAMES = ("kept", "rejected", "scores.csv", "parameters.json")
 
@@ -48,6 +54,10 @@ Progress = Callable[[int, int], None]
 class SortSettings:
     """Every parameter of a sort, with the defaults of the product. See the README for when to change each.
 
+    model : 'steerable' (the default: subspaces closed under in-plane rotation, junk score = minus the
+        evidence, in standard deviations, that the image carries its class's and the population's
+        rotational average; needs the PSWF basis) or 'paper' (the paper's mixture of PPCA and sorting
+        factor, with combine and center).
     n_subspaces : M, the number of subspaces (views or conformations the particles spread over).
     total_dimension : M * K, the summed dimension of the subspaces (the paper's K_total); each subspace
         gets total_dimension // n_subspaces dimensions.
@@ -64,17 +74,20 @@ class SortSettings:
         kept as they are (None: never crop).
     mask_radius : radius of the particle circle in pixels of the (cropped) box (None: box // 2 - 1).
     normalize : normalise each image on the background outside the circle (mean 0, std 1).
-    combine : how the sorting factor combines subspaces: 'sum' (the paper), 'min', 'responsibility'.
-    center : score y - mu_m instead of y.
+    combine : how the sorting factor combines subspaces: 'sum' (the paper), 'min', 'responsibility'
+        (model 'paper' only).
+    center : score y - mu_m instead of y (model 'paper' only).
     noise : 'shared' noise variance across subspaces (the paper) or 'per_component'.
     random_state : seed of every random choice (sampling, initialisation).
     outlier_threshold : the automatic mode (None: off): a round removes only images whose score is a
-        robust outlier of that round's scores (z-score of the log-score above this, median/MAD), at most
+        robust outlier of that round's scores (robust z-score, median/MAD, of the score, or of its
+        logarithm when every score is positive as sorting factors are, above this), at most
         alpha of the rest, and the sort stops after a round that finds none; n_rounds and
         target_kept_fraction may then both be None.
     """
 
-    n_subspaces: int = 2
+    model: str = "steerable"
+    n_subspaces: int = 3
     total_dimension: int = 60
     alpha: float = 0.05
     iterations_per_round: int = 6
@@ -99,8 +112,16 @@ class SortSettings:
                 f"total_dimension must be an integer of at least n_subspaces ({self.n_subspaces}), "
                 f"got {self.total_dimension!r}"
             )
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
+        if self.model == "steerable" and self.basis != "pswf":
+            raise ValueError(f"the steerable model needs the steerable basis 'pswf', not {self.basis!r}; "
+                             "use basis 'pswf', or model 'paper' for the PCA basis")
+        if self.model == "steerable" and (self.combine != "sum" or self.center):
+            raise ValueError("combine and center set the sorting factor of model 'paper'; the steerable model "
+                             "is scored by the mean evidence (leave combine='sum', center=False)")
         if self.noise not in NOISE_MODELS:
             raise ValueError(f"noise must be one of {NOISE_MODELS}, got {self.noise!r}")
         if self.combine not in COMBINATIONS:
@@ -109,8 +130,8 @@ class SortSettings:
             raise ValueError(
                 f"n_coefficients ({self.n_coefficients}) must exceed total_dimension ({self.total_dimension})"
             )
-        # the sorter checks alpha, rounds and target; build one now so bad values fail early
-        make_sorter(self)
+        # the sorter checks alpha, rounds and target; build one now (on a stand-in model) so bad values fail early
+        _online_sorter(self, MixturePPCA(self.n_subspaces, self.subspace_dimension), scorer=None)
 
     @property
     def subspace_dimension(self) -> int:
@@ -176,23 +197,43 @@ def prepare_coefficients(particles, settings: SortSettings, progress: Progress |
     return PreparedCoefficients(coefficients=coefficients, basis=basis, preprocessor=preprocessor)
 
 
-def make_sorter(settings: SortSettings) -> OnlineSorter:
-    """The online sorter (model, schedule and score) that ``settings`` describe."""
-    model = MixturePPCA(
-        settings.n_subspaces,
-        settings.subspace_dimension,
-        noise=settings.noise,
-        random_state=settings.random_state,
-    )
+def make_sorter(settings: SortSettings, basis: PCABasis | PSWFBasis) -> OnlineSorter:
+    """The online sorter (model, score and pruning schedule) that ``settings`` describe.
+
+    ``basis`` is the basis the coefficients were expanded in (``PreparedCoefficients.basis``): the
+    steerable model needs its angular frequencies, radial indices and cos/sin flags.
+    """
+    if settings.model == "paper":
+        model = MixturePPCA(settings.n_subspaces, settings.subspace_dimension, noise=settings.noise,
+                            random_state=settings.random_state)
+        scorer = SortingFactorScore(settings.combine, settings.center)
+    else:
+        if not isinstance(basis, PSWFBasis):
+            raise ValueError(f"the steerable model needs coefficients in the PSWF basis, got {type(basis).__name__}")
+        model = SteerableMixturePPCA(basis.angular_frequencies, basis.is_sine, basis.radial_indices,
+                                     settings.n_subspaces, settings.subspace_dimension, noise=settings.noise,
+                                     random_state=settings.random_state)
+        scorer = MeanEvidenceScore()
+    return _online_sorter(settings, model, scorer)
+
+
+def _online_sorter(settings: SortSettings, model, scorer) -> OnlineSorter:
     return OnlineSorter(
         model,
         alpha=settings.alpha,
         iterations_per_round=settings.iterations_per_round,
         n_rounds=settings.n_rounds,
         target_kept_fraction=settings.target_kept_fraction,
-        scorer=SortingFactorScore(settings.combine, settings.center),
+        scorer=scorer,
         outlier_threshold=settings.outlier_threshold,
     )
+
+
+def score_label(settings: SortSettings) -> str:
+    """What the junk score of a sort with ``settings`` is, for axis labels and reports."""
+    if settings.model == "paper":
+        return "junk score (sorting factor)"
+    return "junk score (minus mean evidence, SD)"
 
 
 def subspace_images(basis, parameters: MixtureParameters, n_per_subspace: int = 4) -> tuple[np.ndarray, np.ndarray]:

@@ -18,9 +18,10 @@ from matplotlib.ticker import NullFormatter
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .pipeline import score_label
 from .sorting import SortRound
 
-__all__ = ["report_figure", "write_report", "pruning_iterations", "MAX_SUBSPACES_SHOWN"]
+__all__ = ["report_figure", "write_report", "pruning_iterations", "score_bin_edges", "MAX_SUBSPACES_SHOWN"]
 
 #: At most this many subspaces (the heaviest) get a column of images.
 MAX_SUBSPACES_SHOWN = 8
@@ -29,6 +30,21 @@ PAGE_SIZE = (11.69, 8.27)
 REPORT_DPI = 150
 N_BINS = 60
 KEPT_COLOUR, REJECTED_COLOUR, CUT_COLOUR = "tab:blue", "tab:orange", "black"
+
+
+def score_bin_edges(scores: np.ndarray, n_bins: int = N_BINS) -> tuple[np.ndarray, bool]:
+    """Histogram bin edges (n_bins + 1,) over the finite ``scores``, and whether they are logarithmic.
+
+    Logarithmic when every score is positive and they span more than a factor 20 (sorting factors, whose junk
+    tail spans decades), linear otherwise (signed scores such as the steerable model's evidence).
+    """
+    finite = scores[np.isfinite(scores)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    logarithmic = low > 0 and high / low > 20
+    if high <= low:
+        low, high = (low / 2, high * 2) if logarithmic or low > 0 else (low - 1, high + 1)
+    edges = np.geomspace(low, high, n_bins + 1) if logarithmic else np.linspace(low, high, n_bins + 1)
+    return edges, logarithmic
 
 
 def pruning_iterations(result: SortRound) -> np.ndarray:
@@ -50,7 +66,7 @@ def report_figure(result: SortRound, kept_mask: np.ndarray, means: np.ndarray, c
     means : (M, box, box) subspace means as images; components : (M, n, box, box) top components
         (both from ``pipeline.subspace_images``).
     title : first line of the page, e.g. the input file.
-    settings : a SortSettings (or None) whose fields are listed in the summary.
+    settings : a SortSettings (or None) whose fields are listed in the summary and whose model names the score.
     """
     kept_mask = np.asarray(kept_mask, dtype=bool)
     if kept_mask.shape != (result.n_total,):
@@ -70,7 +86,8 @@ def report_figure(result: SortRound, kept_mask: np.ndarray, means: np.ndarray, c
     figure.suptitle(title or "ppcasort report", fontsize="large")
     top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1.25])
     histogram_axes, trace_axes, text_axes = top.subplots(1, 3, width_ratios=[1.2, 1.2, 0.8])
-    _draw_histogram(histogram_axes, result.final_scores, kept_mask)
+    _draw_histogram(histogram_axes, result.final_scores, kept_mask,
+                    score_label(settings) if settings is not None else "junk score")
     _draw_trace(trace_axes, result)
     _draw_summary(text_axes, result, kept_mask, settings)
     _draw_subspaces(bottom, result.parameters.weights, means, components)
@@ -93,12 +110,10 @@ def write_report(path, result: SortRound, kept_mask: np.ndarray, means: np.ndarr
     return path
 
 
-def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray) -> None:
+def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray, label: str) -> None:
     """Stacked histogram of kept and rejected scores; log bins when the scores are positive and span decades."""
     finite = np.isfinite(scores)
-    low, high = scores[finite].min(), scores[finite].max()
-    logarithmic = low > 0 and high / low > 20
-    edges = np.geomspace(low, high, N_BINS + 1) if logarithmic else np.linspace(low, high, N_BINS + 1)
+    edges, logarithmic = score_bin_edges(scores)
     cut = scores[kept_mask].max()
     axes.hist([scores[kept_mask & finite], scores[~kept_mask & finite]], bins=edges, stacked=True,
               color=[KEPT_COLOUR, REJECTED_COLOUR],
@@ -107,7 +122,7 @@ def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray) -> None:
     if logarithmic:
         axes.set_xscale("log")
         axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
-    axes.set_xlabel("final junk score (sorting factor)")
+    axes.set_xlabel("final " + label)
     axes.set_ylabel("images")
     axes.set_title("scores of all images", fontsize="medium")
     axes.legend(fontsize="small")
