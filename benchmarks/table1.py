@@ -129,6 +129,8 @@ def run_method(name, coefficients, labels, sorter):
     junk = labels != PARTICLE
     return {
         "name": name,
+        "rounds": result.round,
+        "recall": float(np.mean(np.isin(np.flatnonzero(~junk), result.kept))),
         "composition": composition(labels[result.kept]),
         "auc": roc_auc(result.final_scores, junk),
         "auc_outliers": roc_auc(result.final_scores[labels != NOISE], labels[labels != NOISE] == OUTLIER),
@@ -146,6 +148,8 @@ def main(argv=None) -> None:
     parser.add_argument("--snr", type=float, default=0.1)
     parser.add_argument("--junk-fraction", type=float, default=1 / 12,
                         help="fraction of outliers, and again of pure-noise images (paper: 8.33%%)")
+    parser.add_argument("--outlier-threshold", type=float, default=None, metavar="T",
+                        help="run every method in the automatic mode with this threshold (no fixed number of rounds)")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="extra methods by name, 'all' (the paper's settings), 'steerable' (the proposed model's)")
     args = parser.parse_args(argv)
@@ -195,13 +199,16 @@ def main(argv=None) -> None:
         rows.append(run_method(name, coefficients.coefficients, labels, sorter))
         print_row(rows[-1], flush=True)
 
+    common = {"random_state": args.seed}
+    if args.outlier_threshold is not None:
+        common.update(outlier_threshold=args.outlier_threshold, n_rounds=None)
     rows = []
     for name, overrides in paper_methods:
-        run(name, SortSettings(**{**PAPER_SETTINGS, "random_state": args.seed, **overrides}))
+        run(name, SortSettings(**{**PAPER_SETTINGS, **common, **overrides}))
     for name, overrides in steerable_methods:
         overrides = dict(overrides)
         score = overrides.pop("score", None)
-        run(name, SortSettings(**{"random_state": args.seed, **overrides}), score)
+        run(name, SortSettings(**{**common, **overrides}), score)
 
     n_keep = rows[0]["kept"]
     t0 = time.perf_counter()
@@ -219,7 +226,8 @@ def print_row(row, **kwargs):
     p, o, n = row["composition"]
     print(f"  {row['name']:<28} particles {p:6.2f}%  outliers {o:5.2f}%  noise {n:5.2f}%  "
           f"AUC {row['auc']:.4f} (outliers {row['auc_outliers']:.4f}, noise {row['auc_noise']:.4f})  "
-          f"kept {row['kept']}  {row['seconds']:.1f} s (CPU {row['cpu_seconds']:.1f} s)", **kwargs)
+          f"kept {row['kept']} (particle recall {row.get('recall', float('nan')):.2%}, {row.get('rounds', '-')} rounds)  "
+          f"{row['seconds']:.1f} s (CPU {row['cpu_seconds']:.1f} s)", **kwargs)
 
 
 def print_table(rows, labels):

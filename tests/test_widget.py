@@ -22,7 +22,7 @@ from napari_ppcasort._widget import (
     montage,
 )
 from napari_ppcasort._worker import IterationDone, RoundDone, RunFailed, run_sort
-from napari_ppcasort.core.mppca import MixtureParameters
+from napari_ppcasort.core.mixture import MixtureParameters
 from napari_ppcasort.core.pipeline import SortSettings, score_label
 from napari_ppcasort.core.particles import open_particles
 

@@ -19,100 +19,23 @@ the data, and an L x L array is never built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import linalg
 
-__all__ = ["MixturePPCA", "MixtureParameters", "MixtureScoring", "NOISE_MODELS"]
+from .mixture import MixtureEM, MixtureParameters, kmeans_labels, logsumexp_rows
 
-NOISE_MODELS = ("shared", "per_component")
-
-
-def _logsumexp(values: np.ndarray) -> np.ndarray:
-    """log(sum(exp(values), axis=1)) of a (n, M) array, without overflow."""
-    peak = values.max(axis=1)
-    return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
+__all__ = ["MixturePPCA"]
 
 _LOG_2PI = np.log(2.0 * np.pi)
-_DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-@dataclass(frozen=True)
-class MixtureParameters:
-    """A snapshot of the fitted parameters (copies, safe to keep while the model goes on learning).
-
-    Attributes
-    ----------
-    means : (M, L) float64
-    components : (M, K, L) float64, the loading matrices W_m transposed (rows are not orthonormal).
-    weights : (M,) float64, mixing proportions summing to 1.
-    noise_variance : (M,) float64, sigma_m^2 (all equal when the noise is shared).
-    """
-
-    means: np.ndarray
-    components: np.ndarray
-    weights: np.ndarray
-    noise_variance: np.ndarray
-
-    def orthonormal_components(self) -> tuple[np.ndarray, np.ndarray]:
-        """Orthonormal basis of each subspace, ordered by variance.
-
-        Returns
-        -------
-        axes : (M, K, L) float64, rows orthonormal within each subspace.
-        variances : (M, K) float64, the model variance along each axis (singular value^2 + sigma^2).
-        """
-        axes = np.empty_like(self.components)
-        variances = np.empty(self.components.shape[:2])
-        for m, loadings in enumerate(self.components):
-            _, singular, vt = np.linalg.svd(loadings, full_matrices=False)
-            axes[m] = vt
-            variances[m] = singular**2 + self.noise_variance[m]
-        return axes, variances
-
-
-class MixtureScoring:
-    """What every mixture model here derives from its ``log_densities(data) -> (N, M)`` method."""
-
-    def log_densities(self, data) -> np.ndarray:
-        raise NotImplementedError
-
-    def score_samples(self, data) -> np.ndarray:
-        """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
-        return _logsumexp(self.log_densities(data))
-
-    def predict_proba(self, data) -> np.ndarray:
-        """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
-        log_dens = self.log_densities(data)
-        return np.exp(log_dens - _logsumexp(log_dens)[:, None])
-
-    def score(self, data) -> float:
-        """Mean log-likelihood per sample."""
-        return float(self.score_samples(data).mean())
-
-
-class MixturePPCA(MixtureScoring):
+class MixturePPCA(MixtureEM):
     """Mixture of M probabilistic PCA models of dimension K each, fitted by EM.
 
-    Parameters
-    ----------
-    n_components : int
-        M, the number of subspaces.
-    n_dims : int
-        K, the dimension of each subspace. M * K must be smaller than the data dimension L.
-    noise : {"shared", "per_component"}
-        One noise variance for all subspaces (the paper's model) or one per subspace.
-    max_iter : int
-        Iterations of :meth:`fit`.
-    tol : float
-        :meth:`fit` stops when the mean log-likelihood per sample improves by less than ``tol``.
-    random_state : int or None
-        Seed of the initialisation (k-means++ seeding on a sample, Lloyd iterations, per-cluster PCA).
-    init_sample_size : int
-        Number of samples used by the initialisation.
-    chunk_bytes : int
-        Rows are processed in float64 chunks of about this many bytes.
+    Parameters: those of :class:`~napari_ppcasort.core.mixture.MixtureEM` (n_components M, n_dims K,
+    noise, max_iter, tol, random_state, init_sample_size, chunk_bytes); M * K must be smaller than the
+    data dimension L. The initialisation is k-means++ seeding on a sample, Lloyd iterations and a PCA
+    per cluster.
 
     Attributes
     ----------
@@ -125,98 +48,17 @@ class MixturePPCA(MixtureScoring):
     n_reseeded_ : int, number of times a collapsed component was re-seeded.
     """
 
-    def __init__(
-        self,
-        n_components: int = 1,
-        n_dims: int = 10,
-        *,
-        noise: str = "shared",
-        max_iter: int = 100,
-        tol: float = 1e-6,
-        random_state: int | None = 0,
-        init_sample_size: int = 20000,
-        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
-    ):
-        self.n_components = n_components
-        self.n_dims = n_dims
-        self.noise = noise
-        self.max_iter = max_iter
-        self.tol = tol
-        self.random_state = random_state
-        self.init_sample_size = init_sample_size
-        self.chunk_bytes = chunk_bytes
-
-    # ------------------------------------------------------------------ validation
-    def _check_parameters(self) -> None:
-        for name in ("n_components", "n_dims", "max_iter", "init_sample_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.noise not in NOISE_MODELS:
-            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {self.noise!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
-
-    def _check_data(self, data, *, fitting: bool, check_finite: bool = True) -> np.ndarray:
-        data = np.asarray(data) if not isinstance(data, np.memmap) else data
-        if data.ndim != 2:
-            raise ValueError(f"data must be a 2-D array (n_samples, n_features), got shape {data.shape}")
-        if not np.issubdtype(data.dtype, np.floating):
-            data = data.astype(np.float64)
-        n_samples, n_features = data.shape
+    def _check_features(self, n_features: int, *, fitting: bool) -> None:
         m, k = self.n_components, self.n_dims
-        if fitting:
-            if m * k >= n_features:
-                raise ValueError(
-                    f"n_components * n_dims = {m} * {k} = {m * k} must be smaller than the number of "
-                    f"features ({n_features}): use fewer or smaller subspaces, or more basis coefficients"
-                )
-            needed = m * (k + 1) + 1
-            if n_samples < needed:
-                raise ValueError(
-                    f"{n_samples} samples are too few for {m} subspace(s) of dimension {k}: "
-                    f"need at least n_components * (n_dims + 1) + 1 = {needed}"
-                )
-        elif hasattr(self, "means_") and n_features != self.means_.shape[1]:
+        if fitting and m * k >= n_features:
+            raise ValueError(
+                f"n_components * n_dims = {m} * {k} = {m * k} must be smaller than the number of "
+                f"features ({n_features}): use fewer or smaller subspaces, or more basis coefficients"
+            )
+        if not fitting and hasattr(self, "means_") and n_features != self.means_.shape[1]:
             raise ValueError(f"data has {n_features} features but the model was fitted on {self.means_.shape[1]}")
-        for start, rows in self._chunks(data) if check_finite else ():
-            finite_rows = np.isfinite(rows).all(axis=1)
-            if not finite_rows.all():
-                bad = start + int(np.flatnonzero(~finite_rows)[0])
-                raise ValueError(f"data contains NaN or infinite values (first in row {bad}); remove or fix those samples")
-        return data
 
-    def _chunk_rows(self, n_features: int) -> int:
-        return max(1, self.chunk_bytes // (8 * max(n_features, 1)))
-
-    def _chunks(self, data):
-        """Yield (start, rows) over row chunks of ``data`` as float64.
-
-        The rows are a view into one reused buffer (or into ``data`` itself if it is float64 already),
-        valid until the next chunk is yielded.
-        """
-        step = self._chunk_rows(data.shape[1])
-        if data.dtype == np.float64:
-            for start in range(0, data.shape[0], step):
-                yield start, np.asarray(data[start : start + step])
-            return
-        buffer = np.empty((min(step, data.shape[0]), data.shape[1]))
-        for start in range(0, data.shape[0], step):
-            rows = buffer[: min(step, data.shape[0] - start)]
-            np.copyto(rows, data[start : start + step])
-            yield start, rows
-
-    # ------------------------------------------------------------------ public API
-    def fit(self, data) -> "MixturePPCA":
-        """Initialise and run EM until convergence or ``max_iter``. ``data``: (N, L) array."""
-        self.initialize(data)
-        for _ in range(self.max_iter):
-            self.step(data)
-            trace = self.log_likelihood_
-            if len(trace) >= 2 and abs(trace[-1] - trace[-2]) < self.tol * max(1.0, abs(trace[-1])):
-                break
-        return self
-
+    # ------------------------------------------------------------------ EM
     def initialize(self, data) -> "MixturePPCA":
         """Set the parameters from k-means++ seeding, a few Lloyd iterations and per-cluster PCA.
 
@@ -225,11 +67,8 @@ class MixturePPCA(MixtureScoring):
         self._check_parameters()
         data = self._check_data(data, fitting=True)
         rng = np.random.default_rng(self.random_state)
-        n_samples = data.shape[0]
-        sample_size = min(n_samples, self.init_sample_size)
-        rows = np.sort(rng.choice(n_samples, size=sample_size, replace=False))
-        sample = np.asarray(data[rows], dtype=np.float64)
-        labels = _kmeans(sample, self.n_components, rng, min_size=self.n_dims + 2)
+        sample = self._initial_sample(data, rng)
+        labels = kmeans_labels(sample, self.n_components, rng, min_size=self.n_dims + 2)
         self._set_from_clusters(sample, labels, rng)
         self.log_likelihood_ = []
         self.n_iter_ = 0
@@ -260,7 +99,7 @@ class MixturePPCA(MixtureScoring):
             proj = rows @ stacked
             sq_norms = np.einsum("ij,ij->i", rows, rows)
             log_dens = self._log_densities(rows, sq_norms, proj)
-            log_norm = _logsumexp(log_dens)
+            log_norm = logsumexp_rows(log_dens)
             resp = np.exp(log_dens - log_norm[:, None])
             projections[start:stop] = proj
             responsibilities[start:stop] = resp
@@ -423,38 +262,3 @@ def _randomized_svd(matrix: np.ndarray, rank: int, rng: np.random.Generator, n_o
     basis, _ = np.linalg.qr(basis)
     u_small, singular, vt = np.linalg.svd(basis.T @ matrix, full_matrices=False)
     return (basis @ u_small)[:, :rank], singular[:rank], vt[:rank]
-
-
-def _kmeans(sample: np.ndarray, n_clusters: int, rng: np.random.Generator, min_size: int, n_iter: int = 10) -> np.ndarray:
-    """Cluster labels of ``sample`` (n, L) by k-means++ seeding (Arthur & Vassilvitskii 2007) and Lloyd steps.
-
-    A cluster left with fewer than ``min_size`` members takes the ``min_size`` samples nearest its centre,
-    so that every cluster can be given a PCA.
-    """
-    n = sample.shape[0]
-    if n_clusters == 1:
-        return np.zeros(n, dtype=np.intp)
-    sq_norms = np.einsum("ij,ij->i", sample, sample)
-    centres = [sample[rng.integers(n)]]
-    closest = np.maximum(sq_norms - 2 * sample @ centres[0] + centres[0] @ centres[0], 0.0)
-    for _ in range(1, n_clusters):
-        candidates = rng.choice(n, size=2 + int(np.log(n_clusters)), p=closest / closest.sum())
-        # greedy k-means++: of a few candidates, keep the one that lowers the potential most
-        candidate_dists = np.maximum(
-            sq_norms[:, None] - 2 * sample @ sample[candidates].T + sq_norms[candidates][None, :], 0.0
-        )
-        best = np.argmin(np.minimum(closest[:, None], candidate_dists).sum(axis=0))
-        centres.append(sample[candidates[best]])
-        closest = np.minimum(closest, candidate_dists[:, best])
-    centres = np.array(centres)
-    labels = np.zeros(n, dtype=np.intp)
-    for _ in range(n_iter):
-        dists = sq_norms[:, None] - 2 * sample @ centres.T + np.einsum("ij,ij->i", centres, centres)[None, :]
-        labels = np.argmin(dists, axis=1)
-        for c in range(n_clusters):
-            members = labels == c
-            if members.any():
-                centres[c] = sample[members].mean(axis=0)
-    for c in np.flatnonzero(np.bincount(labels, minlength=n_clusters) < min_size):
-        labels[np.argsort(dists[:, c])[:min_size]] = c
-    return labels

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from .bases import PCABasis, PSWFBasis, expand_particles
-from .mppca import NOISE_MODELS, MixtureParameters, MixturePPCA
+from .mixture import NOISE_MODELS, MixtureParameters
+from .mppca import MixturePPCA
 from .preprocess import Preprocessor
 from .sorting import COMBINATIONS, OnlineSorter, SortingFactorScore, SortRound
 from .steerable import MeanEvidenceScore, SteerableMixturePPCA

@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .mppca import MixtureParameters, MixturePPCA
+from .mixture import MixtureParameters
+from .mppca import MixturePPCA
 
 __all__ = ["COMBINATIONS", "SortRound", "OnlineSorter", "SortingFactorScore", "sorting_factors"]
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .mppca import MixtureParameters, MixtureScoring, _kmeans, _logsumexp
+from .mixture import DEFAULT_CHUNK_BYTES, MixtureEM, MixtureParameters, kmeans_labels, logsumexp_rows
 
 __all__ = [
     "MeanEvidenceScore",
@@ -54,14 +54,13 @@ __all__ = [
 ]
 
 _LOG_2PI = np.log(2.0 * np.pi)
-_DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
 class SteerableParameters(MixtureParameters):
     """Parameters of a :class:`SteerableMixturePPCA` (copies).
 
-    Besides the :class:`~napari_ppcasort.core.mppca.MixtureParameters` fields -- means (M, L), zero
+    Besides the :class:`~napari_ppcasort.core.mixture.MixtureParameters` fields -- means (M, L), zero
     outside the N = 0 coefficients; components (M, K, L), sqrt(lambda_j - sigma_m^2) times the axes;
     weights (M,); noise_variance (M,) -- it holds the exact axes:
 
@@ -173,7 +172,7 @@ class _Statistics:
                 moments[m] += np.matmul((z * weights[None, :, m, None]).transpose(0, 2, 1), z_conj)
 
 
-class SteerableMixturePPCA(MixtureScoring):
+class SteerableMixturePPCA(MixtureEM):
     """Mixture of M probabilistic PCA models whose subspaces are closed under in-plane rotation.
 
     Same interface as :class:`~napari_ppcasort.core.mppca.MixturePPCA` (``initialize``, ``step``, ``fit``,
@@ -189,13 +188,8 @@ class SteerableMixturePPCA(MixtureScoring):
         M, the number of subspaces.
     n_dims : int
         K, the real dimension of each subspace (a rotation-closed plane counts 2).
-    noise : {"shared", "per_component"}
-        One noise variance for all subspaces (the paper's model) or one per subspace.
-    max_iter, tol : stopping rule of :meth:`fit`: at most ``max_iter`` iterations, stop when the mean
-        log-likelihood per sample improves by less than ``tol`` (relative).
-    random_state : int or None, seed of the initialisation.
-    init_sample_size : int, number of rows the initialisation uses.
-    chunk_bytes : int, rows are processed in float64 chunks of about this many bytes.
+    noise, max_iter, tol, random_state, init_sample_size, chunk_bytes : as for
+        :class:`~napari_ppcasort.core.mixture.MixtureEM`.
 
     Attributes
     ----------
@@ -224,29 +218,16 @@ class SteerableMixturePPCA(MixtureScoring):
         tol: float = 1e-6,
         random_state: int | None = 0,
         init_sample_size: int = 20000,
-        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         self.layout = SteerableLayout(angular_frequencies, is_sine, radial_indices)
-        self.n_components = n_components
-        self.n_dims = n_dims
-        self.noise = noise
-        self.max_iter = max_iter
-        self.tol = tol
-        self.random_state = random_state
-        self.init_sample_size = init_sample_size
-        self.chunk_bytes = chunk_bytes
+        super().__init__(n_components, n_dims, noise=noise, max_iter=max_iter, tol=tol, random_state=random_state,
+                         init_sample_size=init_sample_size, chunk_bytes=chunk_bytes)
 
-    # ------------------------------------------------------------------ validation
-    def _check_parameters(self) -> None:
-        for name in ("n_components", "n_dims", "max_iter", "init_sample_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.noise not in ("shared", "per_component"):
-            raise ValueError(f"noise must be 'shared' or 'per_component', got {self.noise!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+    def _check_features(self, n_features: int, *, fitting: bool) -> None:
         layout = self.layout
+        if n_features != layout.n_features:
+            raise ValueError(f"data has {n_features} features but the steerable basis has {layout.n_features} coefficients")
         if self.n_dims >= layout.n_features:
             raise ValueError(
                 f"n_dims ({self.n_dims}) must be smaller than the number of coefficients ({layout.n_features})"
@@ -257,54 +238,11 @@ class SteerableMixturePPCA(MixtureScoring):
                 "rotation-closed subspace of odd dimension needs one; use an even n_dims"
             )
 
-    def _check_data(self, data, *, fitting: bool = False, check_finite: bool = True):
-        data = data if isinstance(data, np.memmap) else np.asarray(data)
-        if data.ndim != 2:
-            raise ValueError(f"data must be a 2-D array (n_samples, n_features), got shape {data.shape}")
-        if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
-            raise ValueError(f"data must be real numbers, got dtype {data.dtype}")
-        if data.shape[1] != self.layout.n_features:
-            raise ValueError(
-                f"data has {data.shape[1]} features but the steerable basis has {self.layout.n_features} coefficients"
-            )
-        if fitting:
-            needed = self.n_components * (self.n_dims + 1) + 1
-            if data.shape[0] < needed:
-                raise ValueError(
-                    f"{data.shape[0]} samples are too few for {self.n_components} subspace(s) of dimension "
-                    f"{self.n_dims}: need at least n_components * (n_dims + 1) + 1 = {needed}"
-                )
-        if check_finite:
-            for start, rows in self._chunks(data):
-                finite_rows = np.isfinite(rows).all(axis=1)
-                if not finite_rows.all():
-                    bad = start + int(np.flatnonzero(~finite_rows)[0])
-                    raise ValueError(
-                        f"data contains NaN or infinite values (first in row {bad}); remove or fix those samples"
-                    )
-        return data
-
-    def _chunks(self, data):
-        """Yield (start, rows) over float64 row chunks of ``data``."""
-        step = max(1, self.chunk_bytes // (8 * data.shape[1]))
-        for start in range(0, data.shape[0], step):
-            yield start, np.asarray(data[start : start + step], dtype=np.float64)
-
     # ------------------------------------------------------------------ public API
     @property
     def components_(self) -> np.ndarray:
         scales = np.sqrt(np.maximum(self.variances_ - self.noise_variance_[:, None], 0.0))
         return scales[:, :, None] * self.axes_
-
-    def fit(self, data) -> "SteerableMixturePPCA":
-        """Initialise and run EM until convergence or ``max_iter``. ``data``: (N, L) array."""
-        self.initialize(data)
-        for _ in range(self.max_iter):
-            self.step(data)
-            trace = self.log_likelihood_
-            if len(trace) >= 2 and abs(trace[-1] - trace[-2]) < self.tol * max(1.0, abs(trace[-1])):
-                break
-        return self
 
     def initialize(self, data) -> "SteerableMixturePPCA":
         """Set the parameters from k-means on rotation-invariant features of a random sample, then an M-step.
@@ -316,10 +254,8 @@ class SteerableMixturePPCA(MixtureScoring):
         self._check_parameters()
         data = self._check_data(data, fitting=True)
         rng = np.random.default_rng(self.random_state)
-        n_samples = data.shape[0]
-        rows = np.sort(rng.choice(n_samples, size=min(n_samples, self.init_sample_size), replace=False))
-        sample = np.asarray(data[rows], dtype=np.float64)
-        labels = _kmeans(self._invariant_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
+        sample = self._initial_sample(data, rng)
+        labels = kmeans_labels(self._invariant_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
         m_count, k, n_features = self.n_components, self.n_dims, self.layout.n_features
         self.means_ = np.zeros((m_count, n_features))
         self.axes_ = np.zeros((m_count, k, n_features))
@@ -340,12 +276,12 @@ class SteerableMixturePPCA(MixtureScoring):
         Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value
         that EM guarantees not to decrease), also appended to ``log_likelihood_``.
         """
-        data = self._check_data(data, check_finite=False)
+        data = self._check_data(data, fitting=False, check_finite=False)
         statistics = _Statistics(self.layout, self.n_components)
         total_log_likelihood = 0.0
         for _, rows in self._chunks(data):
             log_dens = self._log_densities(rows)
-            log_norm = _logsumexp(log_dens)
+            log_norm = logsumexp_rows(log_dens)
             statistics.add(rows, np.exp(log_dens - log_norm[:, None]))
             total_log_likelihood += float(log_norm.sum())
         healthy = statistics.totals >= self.n_dims + 1
@@ -359,7 +295,7 @@ class SteerableMixturePPCA(MixtureScoring):
 
     def log_densities(self, data) -> np.ndarray:
         """log pi_m + log N(y_i | mu_m, C_m) for each row of ``data`` (N, L) and component, shape (N, M)."""
-        data = self._check_data(data)
+        data = self._check_data(data, fitting=False)
         out = np.empty((data.shape[0], self.n_components))
         for start, rows in self._chunks(data):
             out[start : start + rows.shape[0]] = self._log_densities(rows)
@@ -532,7 +468,7 @@ def mean_evidence(parameters: MixtureParameters, data) -> np.ndarray:
     directions = _evidence_directions(parameters)
     data = data if isinstance(data, np.memmap) else np.asarray(data)
     out = np.empty((data.shape[0], directions.shape[0]))
-    step = max(1, _DEFAULT_CHUNK_BYTES // (8 * max(data.shape[1], 1)))
+    step = max(1, DEFAULT_CHUNK_BYTES // (8 * max(data.shape[1], 1)))
     for start in range(0, data.shape[0], step):
         out[start : start + step] = np.asarray(data[start : start + step], dtype=np.float64) @ directions.T
     return out

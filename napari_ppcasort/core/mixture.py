@@ -1,0 +1,243 @@
+"""What both mixtures of probabilistic PCA share: parameters, the EM driver, data checks, chunked reading,
+scores from log-densities, and the k-means used to initialise them.
+
+The models are :class:`~napari_ppcasort.core.mppca.MixturePPCA` (the paper's, unconstrained subspaces) and
+:class:`~napari_ppcasort.core.steerable.SteerableMixturePPCA` (subspaces closed under in-plane rotation).
+Each implements ``initialize(data)``, ``step(data)`` (one EM iteration) and ``log_densities(data)``; this
+module gives them, like scikit-learn's ``GaussianMixture``, ``fit``, ``score_samples``, ``predict_proba``
+and ``score``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["MixtureEM", "MixtureParameters", "NOISE_MODELS", "kmeans_labels", "logsumexp_rows"]
+
+NOISE_MODELS = ("shared", "per_component")
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def logsumexp_rows(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp(values), axis=1)) of a (n, M) array, without overflow."""
+    peak = values.max(axis=1)
+    return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
+
+
+@dataclass(frozen=True)
+class MixtureParameters:
+    """A snapshot of the fitted parameters (copies, safe to keep while the model goes on learning).
+
+    Attributes
+    ----------
+    means : (M, L) float64
+    components : (M, K, L) float64, the loading matrices W_m transposed (rows are not orthonormal).
+    weights : (M,) float64, mixing proportions summing to 1.
+    noise_variance : (M,) float64, sigma_m^2 (all equal when the noise is shared).
+    """
+
+    means: np.ndarray
+    components: np.ndarray
+    weights: np.ndarray
+    noise_variance: np.ndarray
+
+    def orthonormal_components(self) -> tuple[np.ndarray, np.ndarray]:
+        """Orthonormal basis of each subspace, ordered by variance.
+
+        Returns
+        -------
+        axes : (M, K, L) float64, rows orthonormal within each subspace.
+        variances : (M, K) float64, the model variance along each axis (singular value^2 + sigma^2).
+        """
+        axes = np.empty_like(self.components)
+        variances = np.empty(self.components.shape[:2])
+        for m, loadings in enumerate(self.components):
+            _, singular, vt = np.linalg.svd(loadings, full_matrices=False)
+            axes[m] = vt
+            variances[m] = singular**2 + self.noise_variance[m]
+        return axes, variances
+
+
+class MixtureEM:
+    """Base of the mixture models: parameters, checks, chunks, ``fit`` and the scores.
+
+    Parameters
+    ----------
+    n_components : int
+        M, the number of subspaces.
+    n_dims : int
+        K, the dimension of each subspace.
+    noise : {"shared", "per_component"}
+        One noise variance for all subspaces (the paper's model) or one per subspace.
+    max_iter, tol : stopping rule of :meth:`fit`: at most ``max_iter`` iterations, stop when the mean
+        log-likelihood per sample improves by less than ``tol`` (relative).
+    random_state : int or None
+        Seed of the initialisation.
+    init_sample_size : int
+        Number of samples the initialisation uses (its cost does not grow with N).
+    chunk_bytes : int
+        Rows are processed in float64 chunks of about this many bytes.
+
+    Subclasses implement ``initialize``, ``step``, ``log_densities`` and :meth:`_check_features`.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        n_dims: int = 10,
+        *,
+        noise: str = "shared",
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        random_state: int | None = 0,
+        init_sample_size: int = 20000,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        self.n_components = n_components
+        self.n_dims = n_dims
+        self.noise = noise
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.init_sample_size = init_sample_size
+        self.chunk_bytes = chunk_bytes
+
+    # ------------------------------------------------------------------ to implement
+    def initialize(self, data) -> "MixtureEM":
+        raise NotImplementedError
+
+    def step(self, data) -> float:
+        raise NotImplementedError
+
+    def log_densities(self, data) -> np.ndarray:
+        """log pi_m + log N(y_i | mu_m, C_m) for each row of ``data`` (N, L) and component, shape (N, M)."""
+        raise NotImplementedError
+
+    def _check_features(self, n_features: int, *, fitting: bool) -> None:
+        """Raise ValueError if data of ``n_features`` columns cannot be fitted (or scored) by this model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ EM driver and scores
+    def fit(self, data) -> "MixtureEM":
+        """Initialise and run EM until convergence or ``max_iter``. ``data``: (N, L) array."""
+        self.initialize(data)
+        for _ in range(self.max_iter):
+            self.step(data)
+            trace = self.log_likelihood_
+            if len(trace) >= 2 and abs(trace[-1] - trace[-2]) < self.tol * max(1.0, abs(trace[-1])):
+                break
+        return self
+
+    def score_samples(self, data) -> np.ndarray:
+        """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
+        return logsumexp_rows(self.log_densities(data))
+
+    def predict_proba(self, data) -> np.ndarray:
+        """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
+        log_dens = self.log_densities(data)
+        return np.exp(log_dens - logsumexp_rows(log_dens)[:, None])
+
+    def score(self, data) -> float:
+        """Mean log-likelihood per sample."""
+        return float(self.score_samples(data).mean())
+
+    # ------------------------------------------------------------------ shared internals
+    def _check_parameters(self) -> None:
+        for name in ("n_components", "n_dims", "max_iter", "init_sample_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {self.noise!r}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+
+    def _check_data(self, data, *, fitting: bool, check_finite: bool = True) -> np.ndarray:
+        """``data`` as a 2-D array of real numbers (memory maps stay maps), or a ValueError saying what is wrong.
+
+        fitting : also check that there are enough samples for the model.
+        check_finite : scan the data (in chunks) for NaN and infinite values, naming the first bad row.
+        """
+        data = data if isinstance(data, np.memmap) else np.asarray(data)
+        if data.ndim != 2:
+            raise ValueError(f"data must be a 2-D array (n_samples, n_features), got shape {data.shape}")
+        if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+            data = data.astype(np.float64)
+        elif not np.issubdtype(data.dtype, np.floating):
+            raise ValueError(f"data must be real numbers, got dtype {data.dtype}")
+        self._check_features(data.shape[1], fitting=fitting)
+        if fitting:
+            m, k = self.n_components, self.n_dims
+            needed = m * (k + 1) + 1
+            if data.shape[0] < needed:
+                raise ValueError(
+                    f"{data.shape[0]} samples are too few for {m} subspace(s) of dimension {k}: "
+                    f"need at least n_components * (n_dims + 1) + 1 = {needed}"
+                )
+        for start, rows in self._chunks(data) if check_finite else ():
+            finite_rows = np.isfinite(rows).all(axis=1)
+            if not finite_rows.all():
+                bad = start + int(np.flatnonzero(~finite_rows)[0])
+                raise ValueError(f"data contains NaN or infinite values (first in row {bad}); remove or fix those samples")
+        return data
+
+    def _chunks(self, data):
+        """Yield (start, rows) over row chunks of ``data`` as float64.
+
+        The rows are a view into one reused buffer (or into ``data`` itself if it is float64 already),
+        valid until the next chunk is yielded.
+        """
+        step = max(1, self.chunk_bytes // (8 * max(data.shape[1], 1)))
+        if data.dtype == np.float64:
+            for start in range(0, data.shape[0], step):
+                yield start, np.asarray(data[start : start + step])
+            return
+        buffer = np.empty((min(step, data.shape[0]), data.shape[1]))
+        for start in range(0, data.shape[0], step):
+            rows = buffer[: min(step, data.shape[0] - start)]
+            np.copyto(rows, data[start : start + step])
+            yield start, rows
+
+    def _initial_sample(self, data, rng: np.random.Generator) -> np.ndarray:
+        """A random sample of at most ``init_sample_size`` rows of ``data``, in their order, as float64."""
+        n_samples = data.shape[0]
+        rows = np.sort(rng.choice(n_samples, size=min(n_samples, self.init_sample_size), replace=False))
+        return np.asarray(data[rows], dtype=np.float64)
+
+
+def kmeans_labels(sample: np.ndarray, n_clusters: int, rng: np.random.Generator, min_size: int,
+                  n_iter: int = 10) -> np.ndarray:
+    """Cluster labels of ``sample`` (n, L) by k-means++ seeding (Arthur & Vassilvitskii 2007) and Lloyd steps.
+
+    A cluster left with fewer than ``min_size`` members takes the ``min_size`` samples nearest its centre,
+    so that every cluster can be given a PCA.
+    """
+    n = sample.shape[0]
+    if n_clusters == 1:
+        return np.zeros(n, dtype=np.intp)
+    sq_norms = np.einsum("ij,ij->i", sample, sample)
+    centres = [sample[rng.integers(n)]]
+    closest = np.maximum(sq_norms - 2 * sample @ centres[0] + centres[0] @ centres[0], 0.0)
+    for _ in range(1, n_clusters):
+        candidates = rng.choice(n, size=2 + int(np.log(n_clusters)), p=closest / closest.sum())
+        # greedy k-means++: of a few candidates, keep the one that lowers the potential most
+        candidate_dists = np.maximum(
+            sq_norms[:, None] - 2 * sample @ sample[candidates].T + sq_norms[candidates][None, :], 0.0
+        )
+        best = np.argmin(np.minimum(closest[:, None], candidate_dists).sum(axis=0))
+        centres.append(sample[candidates[best]])
+        closest = np.minimum(closest, candidate_dists[:, best])
+    centres = np.array(centres)
+    labels = np.zeros(n, dtype=np.intp)
+    for _ in range(n_iter):
+        dists = sq_norms[:, None] - 2 * sample @ centres.T + np.einsum("ij,ij->i", centres, centres)[None, :]
+        labels = np.argmin(dists, axis=1)
+        for c in range(n_clusters):
+            members = labels == c
+            if members.any():
+                centres[c] = sample[members].mean(axis=0)
+    for c in np.flatnonzero(np.bincount(labels, minlength=n_clusters) < min_size):
+        labels[np.argsort(dists[:, c])[:min_size]] = c
+    return labels
