@@ -50,7 +50,7 @@ REPORT_NAME = "report.png"
 N_COMPONENTS_SHOWN = 4
 #: The demo's simulated stack (also the defaults of ``ppcasort simulate``): 20 % junk, 32 px, SNR 0.3.
 DEMO_STACK = {"n_particles": 2400, "n_outliers": 300, "n_noise": 300, "box_size": 32, "snr": 0.3, "random_state": 0}
-#: Where the demo's settings differ from SortSettings: the demo's 32 px images give few PCA coefficients.
+#: Where the demo's settings differ from SortSettings (nowhere: the demo shows the defaults).
 DEMO_SETTINGS: dict = {}
 DEMO_OUTPUT = "ppcasort-demo"
 DEMO_NAME = "simulated"
