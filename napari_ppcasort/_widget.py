@@ -26,7 +26,8 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, Slider, SpinBox
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton, Slider,
+                              SpinBox)
 from napari.layers import Image
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
@@ -50,7 +51,9 @@ REJECTED_LAYER = "rejected particles"
 N_COMPONENTS_SHOWN = 4
 MAX_SUBSPACES = 20
 FILE_SOURCE = "file"
-STOP_ROUNDS, STOP_FRACTION = "number of rounds", "kept fraction"
+STOP_ROUNDS, STOP_FRACTION, STOP_AUTOMATIC = "number of rounds", "kept fraction", "no outlier left"
+#: The automatic mode's threshold offered first (robust z-score; see SortSettings.outlier_threshold).
+DEFAULT_OUTLIER_THRESHOLD = 2.5
 #: Longest wait (seconds) for a cancelled sort to stop when the viewer closes.
 SHUTDOWN_TIMEOUT = 60.0
 
@@ -83,6 +86,7 @@ class SortWidget(QWidget):
         self._sorted_scores = np.empty(0)
         self._grid_set = False
         self._n_rounds = self._n_particles = 0
+        self._automatic = False
         self._review_layout_set = False
 
         self._build_parameters()
@@ -126,14 +130,21 @@ class SortWidget(QWidget):
         self.alpha = FloatSlider(label="alpha (%)", min=0.5, max=50.0, step=0.5, value=100 * defaults.alpha,
                                  tooltip="percentage of the remaining images removed at each pruning round")
         self.iterations = SpinBox(label="EM iterations per round", min=1, max=200, value=defaults.iterations_per_round)
-        self.stop = ComboBox(label="stop after", choices=[STOP_ROUNDS, STOP_FRACTION], value=STOP_ROUNDS)
+        self.stop = ComboBox(label="stop after", choices=[STOP_ROUNDS, STOP_FRACTION, STOP_AUTOMATIC], value=STOP_ROUNDS,
+                             tooltip="a fixed number of rounds; a kept fraction; or the automatic mode: remove only "
+                                     "outliers of each round's scores, until a round finds none")
         self.n_rounds = SpinBox(label="rounds", min=1, max=500, value=defaults.n_rounds)
         self.target = FloatSlider(label="keep (%)", min=1.0, max=99.0, step=0.5, value=80.0, visible=False,
                                   tooltip="stop when this percentage of the stack is left")
+        self.outlier_threshold = FloatSpinBox(
+            label="outlier threshold", min=1.0, max=10.0, step=0.5, value=DEFAULT_OUTLIER_THRESHOLD, visible=False,
+            tooltip="a round removes the images whose score is more than this many robust standard deviations above "
+                    "the median (at most alpha of them)")
         self.seed = SpinBox(label="random seed", min=0, max=2**31 - 1, value=defaults.random_state)
         self.parameters = Container(widgets=[
             self.source, self.file, self.crop, self.model, self.basis, self.n_coefficients, self.n_subspaces,
-            self.total_dimension, self.alpha, self.iterations, self.stop, self.n_rounds, self.target, self.seed])
+            self.total_dimension, self.alpha, self.iterations, self.stop, self.n_rounds, self.target,
+            self.outlier_threshold, self.seed])
 
         self.source.changed.connect(self._on_source_changed)
         self.file.changed.connect(self._on_source_changed)
@@ -243,23 +254,24 @@ class SortWidget(QWidget):
         self.basis.enabled = not steerable
 
     def _on_stop_changed(self, value=None) -> None:
-        by_rounds = self.stop.value == STOP_ROUNDS
-        self.n_rounds.visible = by_rounds
-        self.target.visible = not by_rounds
+        self.n_rounds.visible = self.stop.value == STOP_ROUNDS
+        self.target.visible = self.stop.value == STOP_FRACTION
+        self.outlier_threshold.visible = self.stop.value == STOP_AUTOMATIC
 
     def settings(self) -> SortSettings:
         """The SortSettings the widgets describe (ValueError naming the bad parameter)."""
         shape = self._source_shape()
         box = shape[1] if shape else None
-        by_rounds = self.stop.value == STOP_ROUNDS
+        stop = self.stop.value
         return SortSettings(
             model=self.model.value,
             n_subspaces=int(self.n_subspaces.value),
             total_dimension=int(self.total_dimension.value),
             alpha=float(self.alpha.value) / 100,
             iterations_per_round=int(self.iterations.value),
-            n_rounds=int(self.n_rounds.value) if by_rounds else None,
-            target_kept_fraction=None if by_rounds else float(self.target.value) / 100,
+            n_rounds=int(self.n_rounds.value) if stop == STOP_ROUNDS else None,
+            target_kept_fraction=float(self.target.value) / 100 if stop == STOP_FRACTION else None,
+            outlier_threshold=float(self.outlier_threshold.value) if stop == STOP_AUTOMATIC else None,
             basis=self.basis.value,
             n_coefficients=int(self.n_coefficients.value) or None,
             box_size=None if box is None or self.crop.value >= box else int(self.crop.value),
@@ -349,11 +361,12 @@ class SortWidget(QWidget):
             self._set_status(f"Computing basis coefficients: {event.done} of {event.total} images")
         elif isinstance(event, SortStarted):
             self._n_rounds, self._n_particles = event.n_rounds, event.n_particles
+            self._automatic = event.automatic
             self.progress.setRange(0, event.n_rounds)
             self.progress.setValue(0)
-            self.progress.setFormat("round %v of %m")
-            self._set_status(f"{event.n_particles} images, {event.n_coefficients} coefficients each: "
-                             f"{event.n_rounds} pruning rounds")
+            self.progress.setFormat("round %v (until no outlier is left)" if event.automatic else "round %v of %m")
+            rounds = "pruning until no outlier is left" if event.automatic else f"{event.n_rounds} pruning rounds"
+            self._set_status(f"{event.n_particles} images, {event.n_coefficients} coefficients each: {rounds}")
         elif isinstance(event, IterationDone):
             self._show_progress(event.round, event.iteration, event.log_likelihood, event.n_kept)
         elif isinstance(event, RoundDone):
@@ -405,7 +418,8 @@ class SortWidget(QWidget):
 
     def _show_progress(self, round_number: int, iteration: int, log_likelihood: float, n_kept: int) -> None:
         """The one-line status: round, EM iteration, mean log-likelihood per image, images kept."""
-        text = (f"round {round_number}/{self._n_rounds} | EM it. {iteration} | logL {log_likelihood:.6g} | "
+        of = "" if self._automatic else f"/{self._n_rounds}"
+        text = (f"round {round_number}{of} | EM it. {iteration} | logL {log_likelihood:.6g} | "
                 f"kept {n_kept}/{self._n_particles}")
         self._set_status(text)
 

@@ -35,11 +35,16 @@ class CoefficientsProgress:
 
 @dataclass(frozen=True)
 class SortStarted:
-    """The model is initialised: ``n_rounds`` pruning rounds on ``n_particles`` images of ``n_coefficients``."""
+    """The model is initialised: ``n_rounds`` pruning rounds on ``n_particles`` images of ``n_coefficients``.
+
+    automatic : the automatic mode; the sort may stop before ``n_rounds`` (an upper bound), after a round
+        that finds no outlier.
+    """
 
     n_rounds: int
     n_particles: int
     n_coefficients: int
+    automatic: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ def run_sort(particles, settings: SortSettings, cancel: threading.Event, n_compo
 
     Yields CoefficientsProgress while the coefficients are computed, SortStarted once, IterationDone
     after every EM iteration and RoundDone after every pruning round (the last one has
-    ``result.done``), or RunFailed (then stops) when the data or the parameters are rejected.
+    ``result.done``; in the automatic mode that may come before ``SortStarted.n_rounds``), or RunFailed
+    (then stops) when the data or the parameters are rejected.
     Stops quietly, before the next EM iteration, once ``cancel`` is set.
 
     With ``shown``, the sort pauses after each RoundDone until ``shown`` is set (by the GUI, once it
@@ -106,9 +112,12 @@ def run_sort(particles, settings: SortSettings, cancel: threading.Event, n_compo
         sorter = make_sorter(settings, prepared.basis)
         sorter.start(prepared.coefficients)
         n_rounds = len(sorter.schedule)
-        yield SortStarted(n_rounds, prepared.coefficients.shape[0], prepared.coefficients.shape[1])
+        yield SortStarted(n_rounds, prepared.coefficients.shape[0], prepared.coefficients.shape[1],
+                          automatic=settings.outlier_threshold is not None)
         n_kept = prepared.coefficients.shape[0]
-        for round_number in range(1, n_rounds + 1):
+        round_number = 0
+        while not sorter.finished:
+            round_number += 1
             for _ in range(sorter.iterations_per_round):
                 if cancel.is_set():
                     return

@@ -245,10 +245,6 @@ def _sort_rounds(sorter: OnlineSorter, coefficients: np.ndarray, progress: _Prog
     """Run the online sort one EM iteration at a time (for the progress bars); return the last round."""
     sorter.start(coefficients)
     n_rounds = len(sorter.schedule)
-    if n_rounds == 0:
-        model = sorter.model
-        raise ValueError(f"{coefficients.shape[0]} images are too few to sort with {model.n_components} subspaces "
-                         f"of dimension {model.n_dims}: lower n_subspaces or total_dimension")
     result = None
     while not sorter.finished:
         round_number = 1 if result is None else result.round + 1

@@ -160,3 +160,12 @@ def test_automatic_mode_removes_nothing_from_clean_data():
 def test_automatic_mode_needs_a_positive_threshold():
     with pytest.raises(ValueError, match="outlier_threshold must be a positive"):
         OnlineSorter(MixturePPCA(1, 2), outlier_threshold=0.0)
+
+
+def test_a_sort_with_nothing_to_remove_is_refused_at_start():
+    data = np.random.default_rng(0).standard_normal((7, 10))
+    with pytest.raises(ValueError, match="7 images are too few to sort with 2 subspaces of dimension 2"):
+        OnlineSorter(MixturePPCA(2, 2), n_rounds=3).start(data)
+    data = np.random.default_rng(0).standard_normal((100, 10))
+    with pytest.raises(ValueError, match="target_kept_fraction 0.999 keeps all 100 images"):
+        OnlineSorter(MixturePPCA(1, 2), n_rounds=None, target_kept_fraction=0.999).start(data)

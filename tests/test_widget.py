@@ -17,6 +17,7 @@ from napari_ppcasort._widget import (
     MEANS_LAYER,
     N_COMPONENTS_SHOWN,
     REJECTED_LAYER,
+    STOP_AUTOMATIC,
     SortWidget,
     display_tiles,
     montage,
@@ -295,6 +296,21 @@ def test_paper_model_runs_with_its_sorting_factor_on_a_log_axis(qtbot, sample_wi
     assert widget.histogram.axes.get_xlabel() == "junk score (sorting factor)"
     widget.model.value = "steerable"  # back to the steerable model: its basis again
     assert widget.basis.value == "pswf" and not widget.basis.enabled
+
+
+def test_automatic_mode_stops_after_a_round_without_outliers(qtbot, sample_widget):
+    viewer, widget = sample_widget
+    widget.stop.value = STOP_AUTOMATIC
+    shown = {name: not getattr(widget, name).native.isHidden() for name in ('n_rounds', 'target', 'outlier_threshold')}
+    assert shown == {'n_rounds': False, 'target': False, 'outlier_threshold': True}
+    settings = widget.settings()
+    assert (settings.outlier_threshold, settings.n_rounds, settings.target_kept_fraction) == (2.5, None, None)
+    run_to_end(qtbot, widget)
+    final = widget._final
+    assert final.done and widget.n_round_updates == final.round >= 2
+    assert final.removed_this_round.size == 0 and final.removed.size > 0  # the last round found no outlier
+    assert widget.progress.value() == final.round and f"round {final.round} |" in widget.status.text()
+    np.testing.assert_array_equal(widget.kept_mask, final.removal_round == 0)
 
 
 def test_bad_input_and_parameters_are_notifications(qtbot, make_napari_viewer, sample_layer, tmp_path, errors):

@@ -197,7 +197,11 @@ class OnlineSorter:
         return counts
 
     def start(self, data) -> None:
-        """Initialise the model on all of ``data`` (N, L) and reset the bookkeeping."""
+        """Initialise the model on all of ``data`` (N, L) and reset the bookkeeping.
+
+        ValueError if no round could remove an image (too few images for the model, or a target kept fraction
+        already reached).
+        """
         self._data = data
         self._n_total = data.shape[0]
         self.model.initialize(data)
@@ -209,6 +213,14 @@ class OnlineSorter:
         self._round = 0
         self.schedule = self.removal_schedule(self._n_total)
         self._found_no_outlier = False
+        if not self.schedule:
+            model = self.model
+            if self.target_kept_fraction is not None and \
+                    math.ceil(self.target_kept_fraction * self._n_total) >= self._n_total:
+                raise ValueError(f"target_kept_fraction {self.target_kept_fraction:g} keeps all {self._n_total} "
+                                 "images: there is nothing to remove")
+            raise ValueError(f"{self._n_total} images are too few to sort with {model.n_components} subspaces of "
+                             f"dimension {model.n_dims}: lower n_subspaces or total_dimension")
 
     def em_step(self) -> float:
         """One EM iteration on the remaining images; returns the mean log-likelihood before it."""
