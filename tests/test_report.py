@@ -9,13 +9,14 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, subspace_images
+from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, score_label, subspace_images
 from napari_ppcasort.core.preprocess import ArrayParticles
 from napari_ppcasort.core.report import (
     MAX_SUBSPACES_SHOWN,
     PAGE_SIZE,
     REPORT_DPI,
     pruning_iterations,
+    score_bin_edges,
     report_figure,
     write_report,
 )
@@ -52,6 +53,10 @@ def test_histogram_counts_kept_and_rejected_and_draws_the_cut_at_the_largest_kep
     bar_heights = sum(patch.get_height() for patch in histogram.patches)
     assert bar_heights == final.n_total  # every image counted once (stacked bars)
     assert figure.get_suptitle() == "toy"
+    # the steerable model's signed evidence: a linear axis named after it; the summary lists what was used
+    assert histogram.get_xlabel() == "final " + score_label(SETTINGS) and histogram.get_xscale() == "linear"
+    summary = "\n".join(text.get_text() for axes in figure.axes for text in axes.texts)
+    assert "model = steerable" in summary and "n_subspaces = 2" in summary and "combine" not in summary
 
 
 def test_a_cut_chosen_by_the_user_moves_the_line_and_the_counts(sort):
@@ -147,3 +152,13 @@ assert not loaded, loaded
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Path(tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_score_bins_are_logarithmic_only_for_positive_scores_spanning_decades():
+    edges, logarithmic = score_bin_edges(np.array([0.01, 0.5, 3.0, np.nan]), n_bins=4)
+    assert logarithmic and edges[0] == 0.01 and edges[-1] == pytest.approx(3.0)
+    np.testing.assert_allclose(np.diff(np.log(edges)), np.log(300) / 4)
+    edges, logarithmic = score_bin_edges(np.array([-12.0, -8.0, 0.5, 4.0]), n_bins=4)
+    assert not logarithmic and edges.tolist() == [-12.0, -8.0, -4.0, 0.0, 4.0]
+    edges, logarithmic = score_bin_edges(np.array([2.0, 2.0]), n_bins=2)  # one value: a bin around it
+    assert not logarithmic and edges[0] < 2.0 < edges[-1]

@@ -142,6 +142,13 @@ class SortSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def used_settings(self) -> dict:
+        """The settings that shape this sort: all but combine and center for the steerable model."""
+        values = self.to_dict()
+        if self.model == "steerable":
+            del values["combine"], values["center"]
+        return values
+
     @classmethod
     def from_dict(cls, values: dict) -> "SortSettings":
         known = {f.name for f in fields(cls)}

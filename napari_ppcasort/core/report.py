@@ -152,7 +152,7 @@ def _draw_summary(axes, result: SortRound, kept_mask: np.ndarray, settings) -> N
         f"final log-lik. {result.log_likelihood[-1]:.6g}" if result.log_likelihood.size else "",
     ]
     if settings is not None:
-        lines += ["", "settings"] + [f"  {name} = {value}" for name, value in settings.to_dict().items()]
+        lines += ["", "settings"] + [f"  {name} = {value}" for name, value in settings.used_settings().items()]
     axes.axis("off")
     axes.text(0, 1, "\n".join(lines), va="top", ha="left", family="monospace", fontsize="small",
               transform=axes.transAxes)
