@@ -52,7 +52,7 @@ def measure(n: int, n_features: int, n_components: int) -> dict:
     data[:, :TOTAL_DIM] *= 5  # some structure, so EM has something to find
     dense = np.asarray(data, dtype=np.float64)
     right = rng.standard_normal((n_features, TOTAL_DIM))
-    product_time = _best_time(lambda: dense @ right, repeats=5)
+    product_time = _best_time(lambda d=dense: d @ right, repeats=5)
     del dense
 
     model = MixturePPCA(n_components, TOTAL_DIM // n_components, random_state=0)

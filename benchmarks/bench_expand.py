@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_ppcasort.core.bases import PCABasis, PSWFBasis, expand_particles  # noqa: E402
 from napari_ppcasort.core.particles import CHUNK_BYTES, open_particles  # noqa: E402
-from napari_ppcasort.core.preprocess import ArrayParticles, Preprocessor  # noqa: E402
+from napari_ppcasort.core.particles import ArrayParticleSet  # noqa: E402
+from napari_ppcasort.core.preprocess import Preprocessor  # noqa: E402
 
 MEGABYTE = 2**20
 
@@ -98,7 +99,7 @@ def throughput(n_pca_components: int = 100) -> None:
 
         for name, basis, build in (("PSWF", pswf, pswf_build), ("PCA", pca, pca_build)):
             expand_rate = best_rate(lambda: in_chunks(basis.expand, prepared), n_images)
-            together_rate = best_rate(lambda: expand_particles(ArrayParticles(raw), basis, normalize), n_images)
+            together_rate = best_rate(lambda: expand_particles(ArrayParticleSet(raw), basis, normalize), n_images)
             rows.append((box, name, basis.n_pixels, basis.n_coefficients, build, preprocess_rate, crop_rate,
                          expand_rate, together_rate))
         print(f"  {box} px: PCA with the Marchenko-Pastur estimate on {n_images} synthetic images: "
@@ -151,7 +152,7 @@ def _status() -> dict[str, int]:
 def child(case: str, stack: Path, out_dir: Path) -> None:
     """One memory measurement (run in its own process); prints a JSON line."""
     preprocessor = Preprocessor(128, target_box=64) if case.endswith("pswf64") else Preprocessor(128)
-    particles = open_particles(stack) if case.startswith("particleset") else ArrayParticles(
+    particles = open_particles(stack) if case.startswith("particleset") else ArrayParticleSet(
         mrcfile.mmap(stack, mode="r").data)
     if case.endswith("pswf64"):
         basis = PSWFBasis(64)
@@ -191,9 +192,9 @@ def child(case: str, stack: Path, out_dir: Path) -> None:
 
 CASES = {
     "particleset_pca": "ParticleSet (open_particles, mrcfile.mmap) -> normalise -> PCA (MP estimate, 2000-image fit)",
-    "array_pca": "ArrayParticles(mrcfile.mmap(stack).data), pages unmapped per chunk -> normalise -> PCA",
+    "array_pca": "ArrayParticleSet(mrcfile.mmap(stack).data), pages unmapped per chunk -> normalise -> PCA",
     "particleset_pswf64": "ParticleSet -> Fourier crop 128->64 + normalise -> PSWF(64)",
-    "array_pswf64": "ArrayParticles(mrcfile.mmap(stack).data) -> Fourier crop 128->64 + normalise -> PSWF(64)",
+    "array_pswf64": "ArrayParticleSet(mrcfile.mmap(stack).data) -> Fourier crop 128->64 + normalise -> PSWF(64)",
 }
 
 

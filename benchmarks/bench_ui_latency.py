@@ -40,7 +40,8 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_ppcasort._reader import LayerParticleSet, ParticleStack
+    from napari_ppcasort._reader import ParticleStack
+    from napari_ppcasort.core.particles import ArrayParticleSet
     from napari_ppcasort._widget import SortWidget
     from napari_ppcasort.core.simulate import simulate_particles
 
@@ -52,7 +53,7 @@ def main() -> None:
     print(f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs")
 
     viewer = napari.Viewer(show=True)
-    viewer.add_image(ParticleStack(LayerParticleSet(simulated.images, "benchmark stack")), name="benchmark stack")
+    viewer.add_image(ParticleStack(ArrayParticleSet(simulated.images, "benchmark stack")), name="benchmark stack")
     widget = SortWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Sort particles")
     widget.crop.value = args.crop

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients
-from napari_ppcasort.core.preprocess import ArrayParticles
+from napari_ppcasort.core.particles import ArrayParticleSet
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE, load_volume, simulate_particles
 from napari_ppcasort.core.sorting import SortingFactorScore
 from napari_ppcasort.core.steerable import MeanEvidenceScore, mean_evidence
@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     t_sim = time.perf_counter() - t0
     print(f"simulated {labels.size} images (71 px, SNR {args.snr:g}) in {t_sim:.1f} s", flush=True)
 
-    particles = ArrayParticles(stack.images)
+    particles = ArrayParticleSet(stack.images)
     prepared = {}
 
     def prepared_for(settings: SortSettings):

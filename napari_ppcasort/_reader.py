@@ -6,7 +6,8 @@ from the memory-mapped stacks, so stacks larger than RAM open instantly. A Parti
 subset of a set (the kept and rejected particles of a sort) without copying images.
 
 An image layer that holds an ordinary array (NumPy, dask, ...) becomes a particle set through
-:class:`LayerParticleSet`, so that sorting and exporting treat every source the same way.
+:class:`~napari_ppcasort.core.particles.ArrayParticleSet`, so that sorting and exporting treat every source
+the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from .core.particles import ParticleFileError, ParticleSet, open_particles
 
-__all__ = ["ParticleStack", "LayerParticleSet", "get_reader", "read_particles", "PARTICLE_SUFFIXES"]
+__all__ = ["ParticleStack", "get_reader", "read_particles", "PARTICLE_SUFFIXES"]
 
 PARTICLE_SUFFIXES = (".mrcs", ".mrc", ".star", ".cs")
 #: Images sampled (evenly spaced) to set a new layer's contrast limits.
@@ -100,50 +100,6 @@ def _expand_ellipsis(key: tuple) -> tuple:
     at = next(i for i, part in enumerate(key) if part is Ellipsis)
     filler = (slice(None),) * (3 - (len(key) - 1))
     return key[:at] + filler + key[at + 1:]
-
-
-class LayerParticleSet(ParticleSet):
-    """A particle set whose images come from an array (a napari layer's data) instead of MRC files.
-
-    It behaves like a ParticleSet opened from an ``.mrcs`` stack: a table with one ``rlnImageName``
-    per image (plus any extra columns), ``read`` and ``iter_chunks``, and it can be written out with
-    :func:`~napari_ppcasort.core.particles.write_particles` (as a new ``.mrcs`` + ``.star``).
-
-    Args:
-        images: (n, box, box) array-like supporting integer-array indexing on the first axis (NumPy,
-            dask, :class:`ParticleStack`); images are read from it on demand.
-        name: what the set is called (the layer name); its stand-in file name is ``<name>.mrcs``.
-        columns: optional per-image columns to add to the table (each of length n).
-        pixel_size: Angstrom per pixel, or None.
-    """
-
-    def __init__(self, images, name: str, columns: dict[str, np.ndarray] | None = None,
-                 pixel_size: float | None = None):
-        shape = tuple(getattr(images, "shape", ()))
-        if len(shape) != 3 or shape[1] != shape[2] or shape[0] == 0:
-            raise ValueError(f"layer {name!r}: expected a stack of square images (n, box, box), got shape {shape}")
-        self._images = images
-        self.layer_name = name
-        stack_name = f"<napari layer {name}>.mrcs"
-        table = pd.DataFrame({"rlnImageName": [f"{k:06d}@{stack_name}" for k in range(1, shape[0] + 1)]})
-        for column, values in (columns or {}).items():
-            table[column] = np.asarray(values)
-        super().__init__(Path(stack_name), "stack", table, [stack_name], np.zeros(shape[0], dtype=np.intp),
-                         np.arange(shape[0]), metadata_box_size=shape[1], metadata_pixel_size=pixel_size,
-                         star_blocks={"particles": table}, particle_block="particles")
-
-    def read(self, indices) -> np.ndarray:
-        """(len(indices), box, box) float32 images, in the order of ``indices`` (see ParticleSet.read)."""
-        indices = self._check_indices(indices)
-        images = np.asarray(self._images[indices], dtype=np.float32)
-        finite = np.isfinite(images.sum(axis=(1, 2), dtype=np.float64))
-        if not finite.all():
-            raise ParticleFileError(f"layer {self.layer_name!r}: image {int(indices[np.argmin(finite)])} "
-                                    "contains NaN or infinite pixels")
-        return images
-
-    def __repr__(self) -> str:
-        return f"LayerParticleSet({self.layer_name!r}, n_particles={self.n_particles}, box_size={self.box_size})"
 
 
 def stack_layer_kwargs(stack: ParticleStack, name: str, metadata: dict | None = None) -> dict:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._reader import LayerParticleSet, ParticleStack, stack_layer_kwargs
+from ._reader import ParticleStack, stack_layer_kwargs
+from .core.particles import ArrayParticleSet
 from .core.simulate import LABEL_NAMES, simulate_particles
 
 __all__ = ["SAMPLE_NAME", "make_sample_data", "simulated_sample"]
@@ -26,7 +27,7 @@ SAMPLE_SEED = 0
 def simulated_sample() -> ParticleStack:
     """The sample stack, (2000, 32, 32) float32, over an in-memory particle set with the true labels."""
     simulated = simulate_particles(**SAMPLE_COUNTS, box_size=SAMPLE_BOX, snr=SAMPLE_SNR, random_state=SAMPLE_SEED)
-    particles = LayerParticleSet(simulated.images, SAMPLE_NAME, columns={"ppcasortTrueLabel": simulated.labels},
+    particles = ArrayParticleSet(simulated.images, SAMPLE_NAME, columns={"ppcasortTrueLabel": simulated.labels},
                                     pixel_size=simulated.pixel_size)
     return ParticleStack(particles)
 

@@ -35,9 +35,9 @@ from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
 from ._histogram import ScoreHistogram
-from ._reader import PARTICLE_SUFFIXES, LayerParticleSet, ParticleStack, stack_layer_kwargs
+from ._reader import PARTICLE_SUFFIXES, ParticleStack, stack_layer_kwargs
 from ._worker import CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortStarted, run_sort
-from .core.particles import ParticleFileError, open_particles
+from .core.particles import ArrayParticleSet, ParticleFileError, open_particles
 from .core.pipeline import BASES, MODELS, SortSettings, export_results, score_label
 from .core.preprocess import default_radius, disk_mask
 
@@ -290,7 +290,8 @@ class SortWidget(QWidget):
             raise ValueError("choose an image layer holding a particle stack, or a particle file")
         if isinstance(layer.data, ParticleStack) and layer.data.is_whole_set:
             return layer.data.particles, layer.data
-        particles = LayerParticleSet(layer.data, layer.name, pixel_size=layer.metadata.get("pixel_size"))
+        particles = ArrayParticleSet(layer.data, f"napari layer {layer.name}",
+                                     pixel_size=layer.metadata.get("pixel_size"))
         return particles, ParticleStack(particles)
 
     # -- running ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from napari_ppcasort.core.bases import (
     marchenko_pastur_edge,
 )
 from napari_ppcasort.core.particles import open_particles
-from napari_ppcasort.core.preprocess import ArrayParticles, BadImageError, Preprocessor, disk_mask
+from napari_ppcasort.core.particles import ArrayParticleSet, ParticleFileError
+from napari_ppcasort.core.preprocess import BadImageError, Preprocessor, disk_mask
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +274,7 @@ def test_expand_particles_same_chunked_unchunked_and_permuted(stack, pswf33):
     preprocessor = Preprocessor(40, target_box=33)
     basis = pswf33
     reference = basis.expand(preprocessor(stack))
-    particles = ArrayParticles(stack)
+    particles = ArrayParticleSet(stack)
     whole = expand_particles(particles, basis, preprocessor, chunk_size=1000)
     np.testing.assert_allclose(whole, reference, atol=1e-5)
     chunked = expand_particles(particles, basis, preprocessor, chunk_size=7)
@@ -283,7 +284,7 @@ def test_expand_particles_same_chunked_unchunked_and_permuted(stack, pswf33):
     np.testing.assert_allclose(permuted, reference[order], atol=1e-5)
 
 
-class _ReversedChunks(ArrayParticles):
+class _ReversedChunks(ArrayParticleSet):
     """A particle set that yields its chunks in reverse order (rows must still land in place)."""
 
     def iter_chunks(self, indices=None, chunk_size=None):
@@ -304,7 +305,7 @@ def test_expand_particles_fills_memmap_and_reports_progress(stack, pswf33, tmp_p
     out = np.lib.format.open_memmap(tmp_path / "coefficients.npy", mode="w+", dtype=np.float32,
                                     shape=(53, basis.n_coefficients))
     calls = []
-    returned = expand_particles(ArrayParticles(stack), basis, preprocessor, chunk_size=20, out=out,
+    returned = expand_particles(ArrayParticleSet(stack), basis, preprocessor, chunk_size=20, out=out,
                                 progress=lambda done, total: calls.append((done, total)))
     assert returned is out
     out.flush()
@@ -313,7 +314,7 @@ def test_expand_particles_fills_memmap_and_reports_progress(stack, pswf33, tmp_p
 
 
 def test_expand_particles_errors(stack, pswf33):
-    particles = ArrayParticles(stack)
+    particles = ArrayParticleSet(stack)
     basis = pswf33
     with pytest.raises(ValueError, match="preprocessor expects 33 px images but the particles are 40 px"):
         expand_particles(particles, basis, Preprocessor(33))
@@ -326,12 +327,12 @@ def test_expand_particles_errors(stack, pswf33):
         expand_particles(particles, basis, preprocessor, out=np.zeros((53, 3), dtype=np.float32))
     broken = stack.copy()
     broken[31, 0, 0] = np.inf
-    with pytest.raises(BadImageError, match="particle 31: contains NaN or infinite pixels"):
-        expand_particles(ArrayParticles(broken), basis, preprocessor, chunk_size=10)
+    with pytest.raises(ParticleFileError, match="broken: image 31 contains NaN or infinite pixels"):
+        expand_particles(ArrayParticleSet(broken, "broken"), basis, preprocessor, chunk_size=10)
     flat = stack.copy()
     flat[12] = 1.0
     with pytest.raises(BadImageError, match="particle 12: .*constant"):
-        expand_particles(ArrayParticles(flat), basis, preprocessor, indices=[40, 12])
+        expand_particles(ArrayParticleSet(flat), basis, preprocessor, indices=[40, 12])
 
 
 def test_expand_real_particles_from_star_file(pswf33):

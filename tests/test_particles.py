@@ -11,7 +11,7 @@ import pytest
 import starfile
 
 from napari_ppcasort.core import particles as particles_module
-from napari_ppcasort.core.particles import ParticleFileError, open_particles, write_particles
+from napari_ppcasort.core.particles import ArrayParticleSet, ParticleFileError, open_particles, write_particles
 
 from fixture_paths import ASPIRE, CS, EMPIAR, RELION5, RELION31, TOY, VOLUME
 
@@ -472,3 +472,53 @@ def test_unknown_extension_and_star_without_particles(tmp_path):
     with pytest.raises(ParticleFileError, match=r"micrographs\.star: no particle table"):
         open_particles(star)
 
+
+# -- array-backed particle sets ------------------------------------------------------------------------------
+
+
+def test_array_particle_set_iterates_requested_indices_in_chunks():
+    images = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), dtype=np.float32)
+    particles = ArrayParticleSet(images)
+    assert particles.n_particles == 10 and particles.box_size == 4
+    chunks = list(particles.iter_chunks([7, 2, 9, 0, 5], chunk_size=2))
+    assert [list(indices) for indices, _ in chunks] == [[7, 2], [9, 0], [5]]
+    for indices, chunk in chunks:
+        assert chunk.dtype == np.float32
+        np.testing.assert_array_equal(chunk[:, 0, 0], indices)
+    assert sum(len(i) for i, _ in particles.iter_chunks()) == 10
+    with pytest.raises(IndexError, match="particle index 10 out of range for the 10 particles"):
+        list(particles.iter_chunks([10]))
+    with pytest.raises(ValueError, match="square images"):
+        ArrayParticleSet(np.zeros((3, 4, 5)))
+
+
+def _resident_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+def test_array_particle_set_on_memmap_reads_correctly_and_unmaps_what_it_read(tmp_path):
+    images = np.random.default_rng(5).normal(size=(600, 64, 64)).astype(np.float32)  # 9.4 MiB
+    path = tmp_path / "stack.mrcs"
+    with mrcfile.new(path, data=images) as mrc:
+        mrc.set_image_stack()
+    with mrcfile.mmap(path, mode="r") as mrc:
+        particles = ArrayParticleSet(mrc.data)
+        baseline = _resident_kb()
+        order = np.random.default_rng(6).permutation(600)
+        for chunk_indices, chunk in particles.iter_chunks(order, chunk_size=50):
+            np.testing.assert_array_equal(chunk, images[chunk_indices])
+            assert _resident_kb() - baseline < 2 * 1024  # far less than the 9.4 MiB read
+        # pages come back from the page cache when read again
+        again = next(particles.iter_chunks([5, 3], chunk_size=2))[1]
+        np.testing.assert_array_equal(again, images[[5, 3]])
+
+
+def test_array_particle_set_keeps_edits_of_copy_on_write_memmap(tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((4, 8, 8), dtype=np.float32))
+    edited = np.load(path, mmap_mode="c")
+    edited[2, 1, 1] = 7.0
+    chunks = list(ArrayParticleSet(edited).iter_chunks(chunk_size=1))
+    assert chunks[2][1][0, 1, 1] == 7.0
+    assert next(ArrayParticleSet(edited).iter_chunks([2]))[1][0, 1, 1] == 7.0

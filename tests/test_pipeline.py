@@ -7,7 +7,7 @@ from scipy.stats import rankdata
 from napari_ppcasort.core.bases import PCABasis
 from napari_ppcasort.core.mppca import MixturePPCA
 from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, score_label
-from napari_ppcasort.core.preprocess import ArrayParticles
+from napari_ppcasort.core.particles import ArrayParticleSet
 from napari_ppcasort.core.simulate import NOISE, PARTICLE, simulate_particles
 from napari_ppcasort.core.sorting import SortingFactorScore
 from napari_ppcasort.core.steerable import MeanEvidenceScore, SteerableMixturePPCA
@@ -21,7 +21,7 @@ def stack():
 
 
 def sort(stack, settings):
-    prepared = prepare_coefficients(ArrayParticles(stack.images), settings)
+    prepared = prepare_coefficients(ArrayParticleSet(stack.images), settings)
     sorter = make_sorter(settings, prepared.basis)
     *_, final = sorter.rounds(prepared.coefficients)
     return sorter, prepared.coefficients, final

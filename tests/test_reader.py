@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 from napari_ppcasort._reader import (
-    LayerParticleSet,
     ParticleStack,
     get_reader,
     read_particles,
 )
 from napari_ppcasort._sample_data import SAMPLE_COUNTS, make_sample_data
-from napari_ppcasort.core.particles import ParticleFileError, open_particles, write_particles
+from napari_ppcasort.core.particles import ArrayParticleSet, ParticleFileError, open_particles, write_particles
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE
 
 from fixture_paths import CS, EMPIAR, RELION5, RELION31, TOY
@@ -103,7 +102,7 @@ def test_reader_reports_unreadable_file(tmp_path):
 
 def test_particle_stack_indexing_follows_numpy():
     images = np.arange(6 * 4 * 4, dtype=np.float32).reshape(6, 4, 4)
-    stack = ParticleStack(LayerParticleSet(images, "arange"))
+    stack = ParticleStack(ArrayParticleSet(images, "arange"))
     for key in [2, -1, slice(1, 5, 2), np.array([5, 0, 5]), np.array([True, False] * 3),
                 (Ellipsis, 1), (slice(None), Ellipsis, slice(0, 2)), (3, slice(1, 3), 2)]:
         np.testing.assert_array_equal(stack[key], images[key])
@@ -114,7 +113,7 @@ def test_particle_stack_indexing_follows_numpy():
 
 def test_particle_stack_subset_maps_to_original_particles():
     images = np.random.default_rng(0).standard_normal((10, 4, 4)).astype(np.float32)
-    stack = ParticleStack(LayerParticleSet(images, "random"))
+    stack = ParticleStack(ArrayParticleSet(images, "random"))
     subset = stack.subset(np.array([9, 2, 4]))
     assert not subset.is_whole_set and stack.is_whole_set
     np.testing.assert_array_equal(subset.indices, [9, 2, 4])
@@ -122,23 +121,23 @@ def test_particle_stack_subset_maps_to_original_particles():
     np.testing.assert_array_equal(subset.subset(np.array([False, True, True]))[:], images[[2, 4]])
 
 
-def test_layer_particle_set_checks_its_images():
+def test_array_particle_set_checks_its_images():
     with pytest.raises(ValueError, match="square images"):
-        LayerParticleSet(np.zeros((3, 4, 5)), "oblong")
+        ArrayParticleSet(np.zeros((3, 4, 5)), "oblong")
     with pytest.raises(ValueError, match="square images"):
-        LayerParticleSet(np.zeros((4, 4)), "flat")
+        ArrayParticleSet(np.zeros((4, 4)), "flat")
     images = np.zeros((3, 4, 4), dtype=np.float32)
     images[1, 2, 2] = np.nan
-    particles = LayerParticleSet(images, "holes")
-    with pytest.raises(ParticleFileError, match="layer 'holes': image 1 contains NaN"):
+    particles = ArrayParticleSet(images, "holes")
+    with pytest.raises(ParticleFileError, match="holes: image 1 contains NaN"):
         particles.read([0, 1])
     with pytest.raises(IndexError):
         particles.read([3])
 
 
-def test_layer_particle_set_writes_a_readable_star_and_stack(tmp_path):
+def test_array_particle_set_writes_a_readable_star_and_stack(tmp_path):
     images = np.random.default_rng(1).standard_normal((8, 6, 6)).astype(np.float32)
-    particles = LayerParticleSet(images, "my layer", columns={"label": np.arange(8)}, pixel_size=1.5)
+    particles = ArrayParticleSet(images, "my layer", columns={"label": np.arange(8)}, pixel_size=1.5)
     written = write_particles(particles, [6, 1, 3], tmp_path, "subset")
     assert [p.name for p in written] == ["subset.mrcs", "subset.star"]
     back = open_particles(tmp_path / "subset.star")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, score_label, subspace_images
-from napari_ppcasort.core.preprocess import ArrayParticles
+from napari_ppcasort.core.particles import ArrayParticleSet
 from napari_ppcasort.core.report import (
     MAX_SUBSPACES_SHOWN,
     PAGE_SIZE,
@@ -30,7 +30,7 @@ N_SHOWN = 3
 def sort():
     """(last SortRound, means (M, 16, 16), components (M, 3, 16, 16)) of a small simulated sort."""
     stack = simulate_particles(240, n_outliers=30, n_noise=30, box_size=16, snr=1.0, random_state=1)
-    prepared = prepare_coefficients(ArrayParticles(stack.images), SETTINGS)
+    prepared = prepare_coefficients(ArrayParticleSet(stack.images), SETTINGS)
     *_, final = make_sorter(SETTINGS, prepared.basis).rounds(prepared.coefficients)
     means, components = subspace_images(prepared.basis, final.parameters, N_SHOWN)
     return final, means, components

@@ -567,7 +567,7 @@ def expand_particles(particles, basis: Basis, preprocessor: Preprocessor, indice
         particles: a particle set with ``n_particles``, ``box_size`` and
             ``iter_chunks(indices, chunk_size)`` yielding ((c,) original indices, (c, box, box) float32
             images) -- a :class:`~napari_ppcasort.core.particles.ParticleSet` or
-            :class:`~napari_ppcasort.core.preprocess.ArrayParticles`.
+            :class:`~napari_ppcasort.core.particles.ArrayParticleSet`.
         basis: basis for images of ``preprocessor.output_box`` pixels.
         preprocessor: applied to every chunk; ``preprocessor.box_size`` must equal ``particles.box_size``.
         indices: (N,) distinct particle indices to expand, in the order of the output rows

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-__all__ = ["ParticleFileError", "ParticleSet", "open_particles", "write_particles"]
+__all__ = ["ArrayParticleSet", "ParticleFileError", "ParticleSet", "open_particles", "write_particles"]
 
 #: Default amount of image data (bytes, float32) per chunk of :meth:`ParticleSet.iter_chunks`.
 CHUNK_BYTES = 64 * 2**20
@@ -314,6 +314,54 @@ class ParticleSet:
 
 
 # -- opening -------------------------------------------------------------------------------------------
+
+class ArrayParticleSet(ParticleSet):
+    """A particle set whose images come from an array instead of MRC files (a napari layer's data, a
+    simulated stack, ``mrcfile.mmap(path).data``).
+
+    It behaves like a ParticleSet opened from an ``.mrcs`` stack: a table with one ``rlnImageName`` per
+    image (plus any extra columns), ``read`` and ``iter_chunks``, and it can be written out with
+    :func:`write_particles` (as a new ``.mrcs`` + ``.star``). Only the requested images are read. For a
+    memory-mapped array the pages read are unmapped again after each read (see
+    :func:`release_mapped_pages`), so the resident set stays about one chunk.
+
+    Args:
+        images: (n, box, box) array-like supporting integer-array indexing on the first axis (NumPy,
+            ``np.memmap``, dask, a napari ParticleStack).
+        name: what the set is called in messages and image names (its stand-in stack is ``<name>.mrcs``).
+        columns: optional per-image columns to add to the table (each of length n).
+        pixel_size: Angstrom per pixel, or None.
+    """
+
+    def __init__(self, images, name: str = "array", columns: dict[str, np.ndarray] | None = None,
+                 pixel_size: float | None = None):
+        shape = tuple(getattr(images, "shape", np.shape(images)))
+        if len(shape) != 3 or shape[1] != shape[2] or shape[0] == 0:
+            raise ValueError(f"{name}: expected a non-empty stack of square images (n, box, box), got shape {shape}")
+        self._images = images
+        self.name = name
+        stack_name = f"<{name}>.mrcs"
+        table = pd.DataFrame({"rlnImageName": [f"{k:06d}@{stack_name}" for k in range(1, shape[0] + 1)]})
+        for column, values in (columns or {}).items():
+            table[column] = np.asarray(values)
+        super().__init__(Path(stack_name), "stack", table, [stack_name], np.zeros(shape[0], dtype=np.intp),
+                         np.arange(shape[0]), metadata_box_size=shape[1], metadata_pixel_size=pixel_size,
+                         star_blocks={"particles": table}, particle_block="particles")
+
+    def read(self, indices) -> np.ndarray:
+        """(len(indices), box, box) float32 images, in the order of ``indices`` (see ParticleSet.read)."""
+        indices = self._check_indices(indices)
+        images = np.asarray(self._images[indices], dtype=np.float32)  # integer indexing copies
+        release_mapped_pages(self._images)
+        finite = np.isfinite(images.sum(axis=(1, 2), dtype=np.float64))
+        if not finite.all():
+            raise ParticleFileError(f"{self.name}: image {int(indices[np.argmin(finite)])} contains NaN or infinite "
+                                    "pixels")
+        return images
+
+    def __repr__(self) -> str:
+        return f"ArrayParticleSet({self.name!r}, n_particles={self.n_particles}, box_size={self.box_size})"
+
 
 def open_particles(path) -> ParticleSet:
     """Open a particle set: an MRC stack (``.mrc``/``.mrcs``), a RELION ``.star`` or a cryoSPARC ``.cs``.

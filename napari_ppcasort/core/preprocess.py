@@ -11,13 +11,10 @@ Conventions used throughout the engine:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-
-from .particles import index_chunks, release_mapped_pages
 
 
 class BadImageError(ValueError):
@@ -224,53 +221,3 @@ class Preprocessor:
         if self.normalize:
             images = normalize_background(images, self.radius)
         return images
-
-
-class ArrayParticles:
-    """An in-memory or memory-mapped image array seen as a particle set (e.g. a napari image layer).
-
-    It offers the part of :class:`~napari_ppcasort.core.particles.ParticleSet` that
-    :func:`~napari_ppcasort.core.bases.expand_particles` needs: ``n_particles``, ``box_size`` and
-    ``iter_chunks``.
-
-    For a read-only or shared ``np.memmap`` (e.g. ``mrcfile.mmap(path).data``), the pages read for a
-    chunk are unmapped from the process once the chunk is copied out (``madvise(MADV_DONTNEED)``; the
-    data stays in the kernel's page cache), so the resident set stays about one chunk instead of growing
-    to the size of the file.
-
-    Args:
-        images: (n, box, box) array-like supporting integer-array indexing along the first axis
-            (NumPy array, ``np.memmap``, dask array ...); only the requested images are read.
-    """
-
-    def __init__(self, images):
-        shape = tuple(getattr(images, "shape", np.shape(images)))
-        if len(shape) != 3 or shape[1] != shape[2] or shape[0] == 0:
-            raise ValueError(f"expected a non-empty stack of square images of shape (n, box, box), got shape {shape}")
-        self._images = images
-        self.n_particles = int(shape[0])
-        self.box_size = int(shape[1])
-
-    def iter_chunks(self, indices=None, chunk_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Iterate over the images in chunks.
-
-        Args:
-            indices: image indices to visit, in this order (default: all, in order).
-            chunk_size: images per chunk (default: about ``CHUNK_BYTES`` of float32 images).
-
-        Yields:
-            (chunk_indices, images): (c,) int64 indices and (c, box, box) float32 images.
-        """
-        if indices is None:
-            indices = np.arange(self.n_particles, dtype=np.int64)
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
-            raise IndexError(f"image indices must be a 1-D integer array, got shape {indices.shape} of {indices.dtype}")
-        indices = indices.astype(np.int64, copy=False)
-        outside = (indices < 0) | (indices >= self.n_particles)
-        if outside.any():
-            raise IndexError(f"image index {indices[outside][0]} out of range for {self.n_particles} images")
-        for chunk in index_chunks(indices, self.box_size, chunk_size):
-            images = np.asarray(self._images[chunk], dtype=np.float32)  # integer indexing copies
-            release_mapped_pages(self._images)
-            yield chunk, images
