@@ -413,7 +413,9 @@ class SortWidget(QWidget):
         self._set_output_layer(COMPONENTS_LAYER,
                                np.zeros((n_shown * shown_box, settings.n_subspaces * shown_box), np.float32))
         if not self._grid_set:
-            self.viewer.grid.enabled = True
+            # napari >= 0.9 keeps the grid on the canvas model; older versions on the viewer
+            canvas = getattr(self.viewer, "canvas", None)
+            (canvas.grid if hasattr(canvas, "grid") else self.viewer.grid).enabled = True
             self.viewer.reset_view()
             self._grid_set = True
 

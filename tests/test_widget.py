@@ -128,6 +128,8 @@ def test_run_on_sample_updates_once_per_round(qtbot, sample_widget):
     widget.round_updated.disconnect(record)  # the connection would keep the viewer alive
 
     assert widget.n_round_updates == 3 == len(rounds)
+    canvas = getattr(viewer, "canvas", None)  # napari >= 0.9 keeps the grid there
+    assert (canvas.grid if hasattr(canvas, "grid") else viewer.grid).enabled  # one cell per layer
     assert [event.result.round for event, *_ in rounds] == [1, 2, 3]
     assert [event.result.done for event, *_ in rounds] == [False, False, True]
     box, m, n = 32, 3, N_COMPONENTS_SHOWN
