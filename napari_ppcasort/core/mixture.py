@@ -80,7 +80,8 @@ class MixtureEM:
     chunk_bytes : int
         Rows are processed in float64 chunks of about this many bytes.
 
-    Subclasses implement ``initialize``, ``step``, ``log_densities`` and :meth:`_check_features`.
+    Subclasses implement ``step``, ``log_densities``, :meth:`_check_features` and :meth:`_set_from_clusters`
+    (and may choose the :meth:`_clustering_features` of the initialisation).
     """
 
     def __init__(
@@ -105,7 +106,8 @@ class MixtureEM:
         self.chunk_bytes = chunk_bytes
 
     # ------------------------------------------------------------------ to implement
-    def initialize(self, data) -> "MixtureEM":
+    def _set_from_clusters(self, sample: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> None:
+        """Set every parameter from ``sample`` (n, L) float64 split into clusters ``labels`` (n,)."""
         raise NotImplementedError
 
     def step(self, data) -> float:
@@ -119,7 +121,29 @@ class MixtureEM:
         """Raise ValueError if data of ``n_features`` columns cannot be fitted (or scored) by this model."""
         raise NotImplementedError
 
+    def _clustering_features(self, sample: np.ndarray) -> np.ndarray:
+        """The features k-means groups the initial sample (n, L) by; the coefficients themselves by default."""
+        return sample
+
     # ------------------------------------------------------------------ EM driver and scores
+    def initialize(self, data) -> "MixtureEM":
+        """Set the parameters from k-means++ seeding and Lloyd iterations on a random sample, then a fit per cluster.
+
+        Runs on a random sample of at most ``init_sample_size`` rows of ``data`` (N, L), so its cost does not
+        grow with N. Checks the data for NaN and infinite values (``step`` does not again).
+        """
+        self._check_parameters()
+        data = self._check_data(data, fitting=True)
+        rng = np.random.default_rng(self.random_state)
+        rows = np.sort(rng.choice(data.shape[0], size=min(data.shape[0], self.init_sample_size), replace=False))
+        sample = np.asarray(data[rows], dtype=np.float64)
+        labels = kmeans_labels(self._clustering_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
+        self._set_from_clusters(sample, labels, rng)
+        self.log_likelihood_ = []
+        self.n_iter_ = 0
+        self.n_reseeded_ = 0
+        return self
+
     def fit(self, data) -> "MixtureEM":
         """Initialise and run EM until convergence or ``max_iter``. ``data``: (N, L) array."""
         self.initialize(data)
@@ -199,12 +223,6 @@ class MixtureEM:
             rows = buffer[: min(step, data.shape[0] - start)]
             np.copyto(rows, data[start : start + step])
             yield start, rows
-
-    def _initial_sample(self, data, rng: np.random.Generator) -> np.ndarray:
-        """A random sample of at most ``init_sample_size`` rows of ``data``, in their order, as float64."""
-        n_samples = data.shape[0]
-        rows = np.sort(rng.choice(n_samples, size=min(n_samples, self.init_sample_size), replace=False))
-        return np.asarray(data[rows], dtype=np.float64)
 
 
 def kmeans_labels(sample: np.ndarray, n_clusters: int, rng: np.random.Generator, min_size: int,

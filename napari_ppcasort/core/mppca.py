@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from .mixture import MixtureEM, MixtureParameters, kmeans_labels, logsumexp_rows
+from .mixture import MixtureEM, MixtureParameters, logsumexp_rows
 
 __all__ = ["MixturePPCA"]
 
@@ -59,22 +59,6 @@ class MixturePPCA(MixtureEM):
             raise ValueError(f"data has {n_features} features but the model was fitted on {self.means_.shape[1]}")
 
     # ------------------------------------------------------------------ EM
-    def initialize(self, data) -> "MixturePPCA":
-        """Set the parameters from k-means++ seeding, a few Lloyd iterations and per-cluster PCA.
-
-        Runs on a random sample of at most ``init_sample_size`` rows, so its cost does not grow with N.
-        """
-        self._check_parameters()
-        data = self._check_data(data, fitting=True)
-        rng = np.random.default_rng(self.random_state)
-        sample = self._initial_sample(data, rng)
-        labels = kmeans_labels(sample, self.n_components, rng, min_size=self.n_dims + 2)
-        self._set_from_clusters(sample, labels, rng)
-        self.log_likelihood_ = []
-        self.n_iter_ = 0
-        self.n_reseeded_ = 0
-        return self
-
     def step(self, data) -> float:
         """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .mixture import DEFAULT_CHUNK_BYTES, MixtureEM, MixtureParameters, kmeans_labels, logsumexp_rows
+from .mixture import DEFAULT_CHUNK_BYTES, MixtureEM, MixtureParameters, logsumexp_rows
 
 __all__ = [
     "MeanEvidenceScore",
@@ -244,18 +244,8 @@ class SteerableMixturePPCA(MixtureEM):
         scales = np.sqrt(np.maximum(self.variances_ - self.noise_variance_[:, None], 0.0))
         return scales[:, :, None] * self.axes_
 
-    def initialize(self, data) -> "SteerableMixturePPCA":
-        """Set the parameters from k-means on rotation-invariant features of a random sample, then an M-step.
-
-        ``data``: (N, L). The features are the N = 0 coefficients and the moduli |z| of the others, so
-        the clusters group views, not in-plane orientations. Checks the data for NaN and infinite values
-        (:meth:`step` does not again).
-        """
-        self._check_parameters()
-        data = self._check_data(data, fitting=True)
-        rng = np.random.default_rng(self.random_state)
-        sample = self._initial_sample(data, rng)
-        labels = kmeans_labels(self._invariant_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
+    def _set_from_clusters(self, sample: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> None:
+        """An M-step with each image of ``sample`` (n, L) given wholly to its cluster."""
         m_count, k, n_features = self.n_components, self.n_dims, self.layout.n_features
         self.means_ = np.zeros((m_count, n_features))
         self.axes_ = np.zeros((m_count, k, n_features))
@@ -265,10 +255,6 @@ class SteerableMixturePPCA(MixtureEM):
         statistics = _Statistics(self.layout, m_count)
         statistics.add(sample, np.eye(m_count)[labels])
         self._maximize(statistics, np.ones(m_count, dtype=bool))
-        self.log_likelihood_ = []
-        self.n_iter_ = 0
-        self.n_reseeded_ = 0
-        return self
 
     def step(self, data) -> float:
         """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
@@ -313,8 +299,9 @@ class SteerableMixturePPCA(MixtureEM):
         )
 
     # ------------------------------------------------------------------ internals
-    def _invariant_features(self, rows: np.ndarray) -> np.ndarray:
-        """(n, n_0 + sum_N n_N) rotation-invariant features of ``rows`` (n, L): N = 0 coefficients and |z|."""
+    def _clustering_features(self, rows: np.ndarray) -> np.ndarray:
+        """(n, n_0 + sum_N n_N) rotation-invariant features of ``rows`` (n, L): the N = 0 coefficients and the
+        moduli |z| of the others, so that the initial clusters group views, not in-plane orientations."""
         layout = self.layout
         parts = [rows[:, layout.zero_columns]]
         parts += [np.hypot(rows[:, cos], rows[:, sin]) for cos, sin in zip(layout.cos_columns, layout.sin_columns)]
