@@ -32,8 +32,21 @@ import scipy.fft
 import starfile
 from scipy.spatial.transform import Rotation
 
+# One label table for both simulators. ``simulate_particles`` (Table-1 protocol) uses PARTICLE, OUTLIER
+# and NOISE; the micrograph simulator (core.micrograph) uses PARTICLE and the five picking-junk classes,
+# whose geometric rules are in ``core.micrograph.classify_pick``. PARTICLE always means a good particle.
 PARTICLE, OUTLIER, NOISE = 0, 1, 2
-LABEL_NAMES = {PARTICLE: "particle", OUTLIER: "outlier", NOISE: "noise"}
+OFF_CENTRE, AGGREGATE, ICE, CARBON, EMPTY = 3, 4, 5, 6, 7
+LABEL_NAMES = {
+    PARTICLE: "particle",
+    OUTLIER: "outlier",
+    NOISE: "noise",
+    OFF_CENTRE: "off_centre",
+    AGGREGATE: "aggregate",
+    ICE: "ice",
+    CARBON: "carbon",
+    EMPTY: "empty",
+}
 
 # Microscope constants used for every simulated CTF and written to the STAR optics block.
 VOLTAGE_KV = 300.0
@@ -77,6 +90,22 @@ class SimulatedStack:
     noise_variance: float
     pixel_size: float
 
+    def star_blocks(self, stack_file_name: str) -> dict[str, pd.DataFrame]:
+        """RELION 3.1 STAR blocks (see ``write_simulated``) for this stack written as ``stack_file_name``."""
+        n_images, side = self.images.shape[:2]
+        particles = pd.DataFrame(
+            {
+                "rlnImageName": image_names(n_images, stack_file_name),
+                "rlnOpticsGroup": np.ones(n_images, dtype=int),
+            }
+        )
+        if self.defocus_um is not None:
+            particles["rlnDefocusU"] = self.defocus_um * 1e4
+            particles["rlnDefocusV"] = self.defocus_um * 1e4
+            particles["rlnDefocusAngle"] = 0.0
+        particles["ppcasortTrueLabel"] = self.labels.astype(int)
+        return {"optics": optics_block(self.pixel_size, side), "particles": particles}
+
 
 # --------------------------------------------------------------------------------------------------
 # Volumes
@@ -111,6 +140,67 @@ def phantom_volume(size: int = 64, random_state=0) -> np.ndarray:
         # Blob axes are the columns of `orientation`; coordinates along them scaled by the widths.
         local = (points - centre) @ orientation / width
         volume += weight * np.exp(-0.5 * np.einsum("...i,...i->...", local, local))
+    return (volume / volume.max()).astype(np.float32)
+
+
+# Side domains of ``elongated_volume``: (position t along the rod, azimuth about the rod in degrees,
+# radius as a fraction of the volume side, distance of the centre from the rod axis in radii).
+_ELONGATED_DOMAINS = ((-0.9, 30, 0.11, 0.5), (-0.75, 150, 0.10, 0.65), (-0.2, 260, 0.09, 0.8), (0.55, 60, 0.08, 0.8))
+
+
+def elongated_volume(size: int = 64, random_state=0) -> np.ndarray:
+    """Built-in elongated, asymmetric 3-D particle: a bent, twisted, tapering rod with four side domains,
+    filled with pseudo-atoms.
+
+    Shape: the rod is the union of spheres centred on the curve (x, y, z) = size * (0.27 t, b (t^2 - 1/3),
+    c t^3), t in [-1, 1], with a bend b in [0.05, 0.07] and a twist c in [0.07, 0.09] drawn from
+    ``random_state``, whose radius tapers from 0.09 * size (t = -1) to 0.042 * size (t = +1). Four
+    spherical side domains (``_ELONGATED_DOMAINS``: a large head domain and a second one at the thick end,
+    two smaller ones along the rod, at different azimuths; positions and azimuths jittered by +-0.05 and
+    +-15 degrees) break every symmetry. Texture: 0.4 pseudo-atoms per voxel of the shape, uniformly placed
+    (a protein's density is about uniform inside its envelope), each a Gaussian of 0.8 voxel, so the
+    map's detail reaches Nyquist as a real map's does; the density is centred on its centre of mass.
+
+    Measured over seeds 0-19 at size 64: length / width (square root of the ratio of the largest to the
+    smallest eigenvalue of the density's second-moment tensor) 2.7-3.1; correlation of the volume with
+    any of its axis flips or 90/180-degree rotations below 0.75; density above 1% of the maximum within
+    0.47 * size of the centre.
+
+    Returns a (size, size, size) float32 array indexed [z, y, x] with maximum 1, long axis along x.
+    """
+    if int(size) != size or size < 16:
+        raise ValueError(f"elongated volume size must be an integer >= 16, got {size!r}")
+    from scipy.ndimage import gaussian_filter
+
+    size = int(size)
+    rng = np.random.default_rng(random_state)
+    bend = rng.uniform(0.05, 0.07)
+    twist = rng.uniform(0.07, 0.09)
+
+    def axis_point(t):
+        return size * np.stack([0.27 * t, bend * (t**2 - 1 / 3), twist * t**3], axis=-1)
+
+    t = np.linspace(-1.0, 1.0, 61)
+    domain_t, azimuth, domain_radius, distance = (np.array(column) for column in zip(*_ELONGATED_DOMAINS))
+    domain_t = domain_t + rng.uniform(-0.05, 0.05, len(domain_t))
+    azimuth = np.deg2rad(azimuth + rng.uniform(-15, 15, len(azimuth)))
+    domain_radius = size * domain_radius
+    outward = np.stack([np.zeros_like(azimuth), np.cos(azimuth), np.sin(azimuth)], axis=1)
+    centres = np.vstack([axis_point(t), axis_point(domain_t) + outward * (distance * domain_radius)[:, None]])
+    radii = np.concatenate([size * (0.09 - 0.024 * (t + 1)), domain_radius])
+
+    coordinates = np.arange(size, dtype=np.float64) - size // 2
+    z, y, x = np.meshgrid(coordinates, coordinates, coordinates, indexing="ij", sparse=True)
+    shape = np.zeros((size,) * 3, dtype=bool)
+    for (centre_x, centre_y, centre_z), radius in zip(centres, radii):
+        shape |= (x - centre_x) ** 2 + (y - centre_y) ** 2 + (z - centre_z) ** 2 <= radius**2
+    inside = np.flatnonzero(shape)
+    voxels = rng.choice(inside, size=int(0.4 * len(inside)))
+    atoms = np.stack(np.unravel_index(voxels, shape.shape), axis=1) + rng.uniform(-0.5, 0.5, (len(voxels), 3))
+    atoms -= atoms.mean(axis=0) - size // 2  # centre of mass on the centre voxel
+    edges = np.arange(size + 1) - 0.5
+    counts, _ = np.histogramdd(atoms, bins=(edges, edges, edges))
+    volume = gaussian_filter(counts, 0.8)
     return (volume / volume.max()).astype(np.float32)
 
 
@@ -202,21 +292,76 @@ def ctf(
     voltage_kv: float = VOLTAGE_KV,
     cs_mm: float = SPHERICAL_ABERRATION_MM,
     amplitude_contrast: float = AMPLITUDE_CONTRAST,
+    *,
+    defocus_v_um: float | None = None,
+    defocus_angle_deg: float = 0.0,
+    b_factor: float = 0.0,
 ) -> np.ndarray:
-    """2-D contrast transfer function (no astigmatism, no envelope), RELION sign convention.
+    """2-D contrast transfer function on a ``box`` x ``box`` grid (see ``ctf_at`` for the formula).
 
-    CTF(k) = sin(pi * lambda * df * k^2 - pi/2 * Cs * lambda^3 * k^4 + arcsin(A)), with k the spatial
-    frequency in 1/angstrom, df the defocus (positive = underfocus), Cs the spherical aberration and
-    A the amplitude contrast; CTF(0) = A > 0.
+    ``defocus_um`` is the defocus U; ``defocus_v_um`` (default: U, no astigmatism), ``defocus_angle_deg``
+    and ``b_factor`` as in ``ctf_at``. Without astigmatism and B-factor: CTF(k) = sin(pi * lambda * df *
+    k^2 - pi/2 * Cs * lambda^3 * k^4 + arcsin(A)), CTF(0) = A > 0.
 
-    Returns (box, box) float32 with zero frequency at [box // 2, box // 2] (numpy.fft.fftshift layout).
+    Returns (box, box) float32 with zero frequency at [box // 2, box // 2] (numpy.fft.fftshift layout),
+    row index = y frequency, column index = x frequency.
     """
     if int(box) != box or box < 1:
         raise ValueError(f"CTF box must be a positive integer, got {box!r}")
     _check_pixel_size(pixel_size)
     frequencies = np.fft.fftshift(np.fft.fftfreq(int(box), d=pixel_size))
-    squared = frequencies[:, None] ** 2 + frequencies[None, :] ** 2
-    return _ctf_values(squared, np.array([defocus_um]), voltage_kv, cs_mm, amplitude_contrast)[0]
+    return ctf_at(
+        frequencies[None, :],
+        frequencies[:, None],
+        defocus_um,
+        defocus_v_um,
+        defocus_angle_deg,
+        b_factor,
+        voltage_kv,
+        cs_mm,
+        amplitude_contrast,
+    )
+
+
+def ctf_at(
+    frequency_x,
+    frequency_y,
+    defocus_u_um: float,
+    defocus_v_um: float | None = None,
+    defocus_angle_deg: float = 0.0,
+    b_factor: float = 0.0,
+    voltage_kv: float = VOLTAGE_KV,
+    cs_mm: float = SPHERICAL_ABERRATION_MM,
+    amplitude_contrast: float = AMPLITUDE_CONTRAST,
+) -> np.ndarray:
+    """CTF with astigmatism and B-factor envelope at spatial frequencies (kx, ky) in 1/angstrom.
+
+    RELION's convention (ctf.h, CTF::getCTF and getDeltaF): with k = |(kx, ky)| and theta = atan2(ky, kx),
+
+        df(theta) = (U + V) / 2 + (U - V) / 2 * cos(2 * (theta - angle))
+        CTF(k)    = sin(pi * lambda * df(theta) * k^2 - pi/2 * Cs * lambda^3 * k^4 + arcsin(A))
+                    * exp(-B * k^2 / 4)
+
+    U, V: defocus in micrometres (positive = underfocus), U along the direction ``defocus_angle_deg``
+    (degrees from the +x axis, i.e. image columns, towards +y, i.e. increasing row index), V across it;
+    B: B-factor in angstrom^2; lambda: electron wavelength; Cs: spherical aberration; A: amplitude
+    contrast. CTF(0) = A > 0 (a positive potential gives positive low-frequency contrast).
+
+    ``frequency_x``, ``frequency_y`` and the defocus parameters broadcast against each other (e.g.
+    (n, 1, 1) defoci on an (h, w) grid give n CTFs); returns float32 of the broadcast shape.
+    """
+    frequency_x = np.asarray(frequency_x, dtype=np.float32)  # float32: phase errors below 1e-4 rad
+    frequency_y = np.asarray(frequency_y, dtype=np.float32)
+    squared = frequency_x**2 + frequency_y**2
+    if defocus_v_um is None or np.array_equal(defocus_v_um, defocus_u_um):
+        defocus = np.asarray(defocus_u_um, dtype=np.float64)
+    else:
+        defocus_u = np.asarray(defocus_u_um, dtype=np.float32)
+        defocus_v = np.asarray(defocus_v_um, dtype=np.float32)
+        mean, half_difference = np.float32(0.5) * (defocus_u + defocus_v), np.float32(0.5) * (defocus_u - defocus_v)
+        direction = np.arctan2(frequency_y, frequency_x) - np.deg2rad(np.asarray(defocus_angle_deg, np.float32))
+        defocus = mean + half_difference * np.cos(2 * direction)
+    return _ctf_values(squared, defocus, voltage_kv, cs_mm, amplitude_contrast, b_factor)
 
 
 def _ctf_values(
@@ -225,20 +370,27 @@ def _ctf_values(
     voltage_kv: float = VOLTAGE_KV,
     cs_mm: float = SPHERICAL_ABERRATION_MM,
     amplitude_contrast: float = AMPLITUDE_CONTRAST,
+    b_factor: float = 0.0,
 ) -> np.ndarray:
-    """CTF (see ``ctf``) for each defocus (n,) on squared frequencies (1/angstrom^2): (n, *grid) float32."""
+    """CTF (see ``ctf_at``) at squared frequencies (1/angstrom^2) and defoci (micrometres) that broadcast
+    against each other (e.g. (n, 1) defoci on (1, m) frequencies): float32 of the broadcast shape."""
     if not 0 <= amplitude_contrast < 1:
         raise ValueError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast!r}")
     if not voltage_kv > 0:
         raise ValueError(f"voltage must be positive, got {voltage_kv!r}")
+    if not (np.isfinite(b_factor) and b_factor >= 0):
+        raise ValueError(f"B-factor must be a non-negative number of angstrom^2, got {b_factor!r}")
     wavelength = electron_wavelength_angstrom(voltage_kv)
     defocus_term = (np.pi * wavelength * 1e4) * np.asarray(defocus_um, dtype=np.float64)  # per 1/angstrom^2
     k2 = np.asarray(squared_frequency, dtype=np.float32)
     spherical_term = np.float32(0.5 * np.pi * cs_mm * 1e7 * wavelength**3)  # per 1/angstrom^4
     aberration = spherical_term * k2**2 - np.float32(np.arcsin(amplitude_contrast))
-    phase = np.multiply.outer(defocus_term.astype(np.float32), k2)
+    phase = defocus_term.astype(np.float32) * k2
     phase -= aberration
-    return np.sin(phase, out=phase)
+    values = np.sin(phase, out=phase)
+    if b_factor:
+        values *= np.exp(np.float32(-0.25 * b_factor) * k2)
+    return values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +517,7 @@ class _SliceProjector:
         n = len(rotations)
         slices = self.central_slices(rotations)
         if defocus_um is not None:
-            slices *= _ctf_values(self.sample_squared_frequency / np.float32(pixel_size**2), defocus_um)
+            slices *= _ctf_values(self.sample_squared_frequency / np.float32(pixel_size**2), defocus_um[:, None])
         half = np.zeros((n, self.fft_side * self.half_width), dtype=np.complex64)
         half[:, self.inside] = slices
         half = half.reshape(n, self.fft_side, self.half_width)
@@ -653,17 +805,19 @@ def _add_noise(images: np.ndarray, sigma: float, seed: int) -> None:
 # Files
 
 
-def write_simulated(
-    stack: SimulatedStack, out_dir, name: str = "simulated", overwrite: bool = False
-) -> dict[str, Path]:
+def write_simulated(stack, out_dir, name: str = "simulated", overwrite: bool = False) -> dict[str, Path]:
     """Write a simulated stack as ``name.mrcs`` + ``name.star`` + ``name_labels.csv`` in ``out_dir``.
 
+    ``stack`` is a ``SimulatedStack`` or a ``core.micrograph.PickedStack``: anything with ``images``
+    (N, L, L), ``labels`` (N,), ``pixel_size`` and a ``star_blocks(stack_file_name)`` method.
+
     name.mrcs: float32 image stack (MRC space group 0), voxel size = pixel size.
-    name.star: RELION 3.1 style; data_optics (rlnOpticsGroup, rlnOpticsGroupName, rlnImagePixelSize,
-        rlnImageSize, rlnImageDimensionality, rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast)
-        and data_particles (rlnImageName "000001@name.mrcs", 1-based; rlnOpticsGroup; rlnDefocusU,
-        rlnDefocusV in angstrom and rlnDefocusAngle when a CTF was simulated; ppcasortTrueLabel with
-        the PARTICLE / OUTLIER / NOISE codes).
+    name.star: RELION 3.1 style; data_optics (``optics_block``: rlnOpticsGroup, rlnOpticsGroupName,
+        rlnImagePixelSize, rlnImageSize, rlnImageDimensionality, rlnVoltage, rlnSphericalAberration,
+        rlnAmplitudeContrast) and data_particles (rlnImageName "000001@name.mrcs", 1-based;
+        rlnOpticsGroup; the stack's CTF and provenance columns; ppcasortTrueLabel with the label codes of
+        ``LABEL_NAMES``). A SimulatedStack writes rlnDefocusU, rlnDefocusV in angstrom and
+        rlnDefocusAngle when a CTF was simulated.
     name_labels.csv: columns index (0-based position in the stack), label (code), label_name.
 
     Each file is written under a temporary name in ``out_dir`` and renamed once all three are
@@ -685,7 +839,7 @@ def write_simulated(
     temporary = {key: path.with_name(f".{path.name}.{os.getpid()}.tmp") for key, path in paths.items()}
     try:
         _write_stack_mrcs(stack, temporary["stack"])
-        starfile.write(_star_blocks(stack, paths["stack"].name), temporary["star"])
+        starfile.write(stack.star_blocks(paths["stack"].name), temporary["star"])
         _labels_table(stack.labels).to_csv(temporary["labels"], index=False)
         for key, path in paths.items():
             os.replace(temporary[key], path)
@@ -695,7 +849,7 @@ def write_simulated(
     return paths
 
 
-def _write_stack_mrcs(stack: SimulatedStack, path: Path) -> None:
+def _write_stack_mrcs(stack, path: Path) -> None:
     """Copy the images into a new memory-mapped MRC stack block by block, header statistics included
     (mrcfile's update_header_stats would make full-size temporaries)."""
     images = stack.images
@@ -717,32 +871,25 @@ def _write_stack_mrcs(stack: SimulatedStack, path: Path) -> None:
             mrc.header.rms = np.sqrt(max(total_squares / images.size - mean**2, 0.0))
 
 
-def _star_blocks(stack: SimulatedStack, stack_file_name: str) -> dict[str, pd.DataFrame]:
-    n_images, side = stack.images.shape[:2]
-    optics = pd.DataFrame(
+def optics_block(pixel_size: float, image_size: int) -> pd.DataFrame:
+    """The RELION 3.1 data_optics block of one optics group with the module's microscope constants."""
+    return pd.DataFrame(
         {
             "rlnOpticsGroup": [1],
             "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnImagePixelSize": [stack.pixel_size],
-            "rlnImageSize": [side],
+            "rlnImagePixelSize": [pixel_size],
+            "rlnImageSize": [image_size],
             "rlnImageDimensionality": [2],
             "rlnVoltage": [VOLTAGE_KV],
             "rlnSphericalAberration": [SPHERICAL_ABERRATION_MM],
             "rlnAmplitudeContrast": [AMPLITUDE_CONTRAST],
         }
     )
-    particles = pd.DataFrame(
-        {
-            "rlnImageName": [f"{index:06d}@{stack_file_name}" for index in range(1, n_images + 1)],
-            "rlnOpticsGroup": np.ones(n_images, dtype=int),
-        }
-    )
-    if stack.defocus_um is not None:
-        particles["rlnDefocusU"] = stack.defocus_um * 1e4
-        particles["rlnDefocusV"] = stack.defocus_um * 1e4
-        particles["rlnDefocusAngle"] = 0.0
-    particles["ppcasortTrueLabel"] = stack.labels.astype(int)
-    return {"optics": optics, "particles": particles}
+
+
+def image_names(n_images: int, stack_file_name: str) -> list[str]:
+    """RELION image names "000001@stack.mrcs" ... (1-based) of the images of a stack file."""
+    return [f"{index:06d}@{stack_file_name}" for index in range(1, n_images + 1)]
 
 
 def _labels_table(labels: np.ndarray) -> pd.DataFrame:
