@@ -24,7 +24,8 @@ from napari_ppcasort._widget import (
 )
 from napari_ppcasort._worker import IterationDone, RoundDone, RunFailed, run_sort
 from napari_ppcasort.core.mixture import MixtureParameters
-from napari_ppcasort.core.pipeline import SortSettings, score_label
+from napari_ppcasort.core.models import score_label
+from napari_ppcasort.core.settings import SortSettings
 from napari_ppcasort.core.particles import open_particles
 
 RUN_TIMEOUT_MS = 120_000
@@ -365,7 +366,7 @@ def test_run_sort_yields_one_event_per_iteration_and_round(sample_layer):
     kinds = [type(event).__name__ for event in events]
     first_sort = kinds.index("SortStarted")
     assert set(kinds[:first_sort]) == {"CoefficientsProgress"}
-    assert kinds[first_sort + 1:] == (["IterationDone"] * 3 + ["RoundDone"]) * 2
+    assert kinds[first_sort + 1:] == (["IterationDone"] * 3 + ["RoundDone"]) * 2 + ["SortFinished"]
     assert events[first_sort - 1].done == events[first_sort - 1].total == 2000
     ticks = [event for event in events if isinstance(event, IterationDone)]
     assert [tick.iteration for tick in ticks] == [1, 2, 3, 4, 5, 6]
