@@ -524,7 +524,8 @@ class SortWidget(QWidget):
             self.viewer.add_image(subset, **stack_layer_kwargs(subset, name))
 
     def export(self, out_dir=None):
-        """Write the kept and rejected sets, scores.csv and parameters.json to ``out_dir`` in a worker.
+        """Write the results (kept and rejected sets, scores.csv, report.png, parameters.json) to ``out_dir`` as one
+        output set (all or nothing), in a worker.
 
         Without ``out_dir`` a folder dialog asks for one. Returns the worker (None if nothing to do);
         :attr:`exported` is emitted with the written paths when it is done.

@@ -229,7 +229,9 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
         "index out of range": (["sort", out_of_range, "-o", out], r"range\.star: particle 1 asks for image 8"),
         "NaN pixels": (["sort", nan_stack, "-o", out, *TINY_SETTINGS], r"nan\.mrcs: image 13 .*contains NaN"),
         "constant background": (["sort", TOY, "-o", out, "--n-coefficients", "40", "--total-dimension", "12"],
-                                r"toy_projections\.star: .*background .* is constant"),
+                                r"toy_projections\.star: particle 0: its background .* is constant, so it cannot be "
+                                r"normalised; for noise-free images \(a simulation\) whose background is constant, sort "
+                                r"without background normalisation \(--no-normalize\)$"),
         "alpha 1.5": (["sort", TOY, "-o", out, "--alpha", "1.5"],
                       r"--alpha must be a number strictly between 0 and 1, got 1\.5$"),
         "alpha not a number": (["sort", TOY, "-o", out, "--alpha", "half"],

@@ -53,7 +53,7 @@ def add_settings_options(parser: argparse.ArgumentParser, defaults: SortSettings
         convert = declaration.type
         value_type = _optional(convert, _TYPE_NAMES[convert]) if declaration.optional else convert
         metavar = convert.__name__.upper() + ("|none" if declaration.optional else "")
-        choices = declaration.choices
+        choices = declaration.allowed
         group.add_argument(declaration.option, type=value_type, choices=choices, default=argparse.SUPPRESS,
                            metavar="{" + ",".join(choices) + "}" if choices else metavar, help=text)
     group.add_argument("--settings", type=Path, metavar="JSON",
@@ -73,8 +73,8 @@ def settings_from_args(args: argparse.Namespace, defaults: SortSettings) -> Sort
         if args.settings is None:
             raise
         # the combination of the file's settings and the options: say where the values came from
-        raise SettingsError(f"{error.template} (with the settings of {str(args.settings).replace('{', '{{')}"
-                            .replace("}", "}}") + ")") from None
+        where = str(args.settings).replace("{", "{{").replace("}", "}}")
+        raise SettingsError(f"{error.template} (with the settings of {where})") from None
 
 
 # -- output options -------------------------------------------------------------------------------------
@@ -99,10 +99,12 @@ class Progress:
     """Progress of a sort on a stream (stderr): bars redrawn in place on a terminal, a line per step when
     ``verbose`` and not live, nothing otherwise (a pipe or a log file gets no bar)."""
 
-    def __init__(self, stream, *, live: bool, verbose: bool):
+    def __init__(self, stream, *, live: bool, verbose: bool, iterations_per_round: int = 1):
         self.stream = stream
         self.live = live
         self.verbose = verbose
+        self.iterations_per_round = iterations_per_round
+        self.n_rounds = 0
         self._started = time.monotonic()
         self._line_open = False
 
@@ -129,22 +131,22 @@ class Progress:
             elif self.verbose:
                 self._line(f"coefficients: {event.n_particles} images, {event.n_coefficients} {basis_name} "
                            f"coefficients each, {seconds:.1f} s")
-            self._n_rounds = event.n_rounds
+            self.n_rounds = event.n_rounds
             self._started = time.monotonic()
         elif isinstance(event, IterationDone):
             if self.live:
-                per_round = self._per_round
+                per_round = self.iterations_per_round
                 step = event.iteration - (event.round - 1) * per_round
-                self._draw(f"round {event.round}/{self._n_rounds}", step, per_round,
+                self._draw(f"round {event.round}/{self.n_rounds}", step, per_round,
                            f"EM {step}/{per_round}, log-lik {event.log_likelihood:.6g}")
         elif isinstance(event, RoundDone):
             result, seconds = event.result, time.monotonic() - self._started
             if self.live:
-                self._draw(f"round {result.round}/{self._n_rounds}", 1, 1,
+                self._draw(f"round {result.round}/{self.n_rounds}", 1, 1,
                            f"kept {result.kept.size}/{result.n_total} ({result.kept_fraction:.1%}), log-lik "
                            f"{result.log_likelihood[-1]:.6g}, {seconds:.1f} s", final=True)
             elif self.verbose:
-                self._line(f"round {result.round}/{self._n_rounds}: kept {result.kept.size} of {result.n_total} "
+                self._line(f"round {result.round}/{self.n_rounds}: kept {result.kept.size} of {result.n_total} "
                            f"({result.kept_fraction:.1%}), cut {result.cut:.4g}, log-likelihood "
                            f"{result.log_likelihood[-1]:.6g}, {seconds:.1f} s")
             self._started = time.monotonic()
@@ -163,7 +165,7 @@ class Progress:
 
 def sort_with_progress(particles, settings: SortSettings, progress: Progress):
     """Run iter_sort, showing its events; returns the SortResult."""
-    progress._per_round = settings.iterations_per_round
+    progress.iterations_per_round = settings.iterations_per_round
     if progress.live:
         progress._draw("coefficients", 0, particles.n_particles, "preparing the basis")
     for event in iter_sort(particles, settings):

@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError, quote
+from .errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError
 
 __all__ = [
     "OutputSet",
@@ -77,7 +77,7 @@ def write_error(path: Path, error: OSError) -> OutputWriteError:
     reason = error.strerror or str(error)
     if error.errno == errno.ENOSPC:
         reason = "no space left on the device"
-    return OutputWriteError(f"{_text(path)}: cannot be written ({quote(reason)[1:-1]}); nothing was left behind")
+    return OutputWriteError(f"{_text(path)}: cannot be written ({_text(reason)}); nothing was left behind")
 
 
 def _text(path) -> str:
@@ -261,7 +261,7 @@ class OutputSet:
         try:
             staging.mkdir()
         except OSError as error:
-            raise InputError(f"{_text(folder)}: cannot write in the output folder ({quote(error.strerror)[1:-1]})"
+            raise InputError(f"{_text(folder)}: cannot write in the output folder ({_text(error.strerror)})"
                              ) from None
         self.staging = staging
 
@@ -277,7 +277,7 @@ class OutputSet:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise InputError(f"{_text(self.folder)}: cannot create the output folder "
-                             f"({quote(error.strerror)[1:-1]})") from None
+                             f"({_text(error.strerror)})") from None
         self._created = missing  # deepest first
 
     def _lock(self) -> None:
@@ -287,7 +287,7 @@ class OutputSet:
                 descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as error:
                 raise InputError(f"{_text(self.folder)}: cannot write in the output folder "
-                                 f"({quote(error.strerror)[1:-1]})") from None
+                                 f"({_text(error.strerror)})") from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -368,17 +368,20 @@ class OutputSet:
         _fsync_folder(self.staging)
         journal = {"staging": self.staging.name, "trash": f"{TRASH_PREFIX}{secrets.token_hex(4)}", "old": old,
                    "new": list(self.names)}
-        atomic_write(self.folder / JOURNAL_NAME, lambda handle: json.dump(journal, handle))
+        try:
+            atomic_write(self.folder / JOURNAL_NAME, lambda handle: json.dump(journal, handle))
+        except OutputWriteError as error:
+            raise write_error(self.folder, error.__cause__ or error) from error
         self._journal_written = True
         try:
             with _signals_deferred():
                 _roll_forward(self.folder, journal)
+                self.committed = True  # before a deferred signal is raised
         except OSError as error:
             raise OutputWriteError(
                 f"{_text(self.folder)}: the new {self.what} could not be moved into place "
-                f"({quote(error.strerror or str(error))[1:-1]}); the next ppcasort run into this folder completes "
+                f"({_text(error.strerror or str(error))}); the next ppcasort run into this folder completes "
                 "the move") from error
-        self.committed = True
         return [self.folder / name for name in self.names]
 
     # -- closing ---------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ class Setting:
         label: the widget's label.
         minimum, maximum: bounds of a number (None: unbounded); ``open_minimum``/``open_maximum``: the bound
             itself is excluded.
-        choices: the allowed texts of a str setting.
+        choices: the allowed texts of a str setting: a tuple, or a registry (a dict) whose keys are the choices at
+            the time of the check (so that a model registered in MODELS is a valid ``model`` at once).
         model_specific: read only by the models whose ``ModelSpec.settings`` list it; must stay at its
             default with the other models.
         unit_scale: the widget shows the value times this (alpha and the kept fraction in %).
@@ -60,7 +61,7 @@ class Setting:
     maximum: float | None = None
     open_minimum: bool = False
     open_maximum: bool = False
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | dict | None = None
     model_specific: bool = False
     unit_scale: float = 1.0
 
@@ -69,11 +70,16 @@ class Setting:
         """The command-line option: ``--n-subspaces`` for ``n_subspaces``."""
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def allowed(self) -> tuple[str, ...] | None:
+        """The choices of a str setting now (None: any text)."""
+        return None if self.choices is None else tuple(self.choices)
+
     def bounds_text(self) -> str:
         """The allowed values in words, e.g. 'a number strictly between 0 and 1'."""
         kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}[self.type]
         if self.choices is not None:
-            kind = "one of " + ", ".join(map(repr, self.choices))
+            kind = "one of " + ", ".join(map(repr, self.allowed))
         low, high = (None if bound is None else f"{bound:g}" if isinstance(bound, float) else str(bound)
                      for bound in (self.minimum, self.maximum))
         if low is not None and high is not None:
@@ -96,7 +102,7 @@ class Setting:
                 return bool(value)
             raise self._error(value)
         if self.type is str:
-            if isinstance(value, str) and (self.choices is None or value in self.choices):
+            if isinstance(value, str) and (self.choices is None or value in self.allowed):
                 return value
             raise self._error(value)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -141,7 +147,8 @@ def setting(default, *, help: str, label: str, none_means: str = "", minimum=Non
     """
     declaration = dict(default=default, help=help, label=label, none_means=none_means, minimum=minimum,
                        maximum=maximum, open_minimum=open_minimum, open_maximum=open_maximum,
-                       choices=None if choices is None else tuple(choices), model_specific=model_specific,
+                       choices=choices if choices is None or isinstance(choices, dict) else tuple(choices),
+                       model_specific=model_specific,
                        unit_scale=unit_scale)
     return field(default=default, metadata={"setting": declaration})
 
