@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import napari_ppcasort
-from napari_ppcasort import (ArrayParticleSet, CoefficientsProgress, InputError, IterationDone, RoundDone,
+from napari_ppcasort import (ArrayParticleSet, CoefficientsProgress, IterationDone, RoundDone,
                              SettingsError, SortCancelled, SortFinished, SortResult, SortSettings, SortStarted,
                              iter_sort, open_particles, sort_particles)
 from napari_ppcasort.cli import main

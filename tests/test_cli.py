@@ -24,7 +24,7 @@ from napari_ppcasort.core.particles import open_particles
 from napari_ppcasort.core.pipeline import SortSettings
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE
 
-from fixture_paths import DATA, EMPIAR, VOLUME
+from fixture_paths import EMPIAR, VOLUME
 from fixture_paths import TOY as TOY_FOLDER
 
 TOY = TOY_FOLDER / "toy_projections.star"

@@ -256,7 +256,8 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-@pytest.mark.parametrize("stage", ["stack", "star", "scores", "report", "manifest"])
+# in the middle of a stack (where a memory-mapped writer died of SIGBUS), of a small file, and at the commit's journal
+@pytest.mark.parametrize("stage", ["stack", "scores", "manifest"])
 def test_a_full_disk_while_writing_is_a_clear_error_and_leaves_the_previous_set(
         tmp_path, particles, n_particles, previous_set, stage):
     inputs = digests(inputs_of(particles))
@@ -357,7 +358,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_at_once(tmp_path, particles,
 
 
 def test_two_runs_started_together_never_mix_their_sets(tmp_path, particles, n_particles, results):
-    for trial in range(3):
+    for trial in range(2):
         runs = [subprocess.Popen([*COMMAND, *sort_args(particles, results, rounds, "--force")],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for rounds in (OLD_ROUNDS, NEW_ROUNDS)]

@@ -85,7 +85,7 @@ def simulate(args: argparse.Namespace):
             volume=volume, snr=args.snr, max_shift=args.max_shift,
             defocus_um=None if args.defocus is None else tuple(args.defocus), pixel_size=args.pixel_size,
             random_state=args.seed)
-    except (FileNotFoundError, IsADirectoryError) as error:
+    except (FileNotFoundError, IsADirectoryError):
         raise UsageError(f"{_text(args.volume)}: no such volume file") from None
     except ValueError as error:
         if isinstance(error, np.linalg.LinAlgError):

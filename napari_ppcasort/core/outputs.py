@@ -38,6 +38,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -68,6 +69,8 @@ STAGING_PREFIX = ".ppcasort-staging-"
 TRASH_PREFIX = ".ppcasort-trash-"
 #: Suffix of the temporary files of :func:`atomic_files` (``.<name>.<pid>.<token>.part``).
 PART_SUFFIX = ".part"
+#: The temporary files of atomic_files: .<name>.<pid>.<12 hex digits>.part
+_PART_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{12}" + re.escape(PART_SUFFIX))
 #: Free space kept in reserve beyond the estimated size of a set (bytes).
 SPACE_MARGIN = 4 * 2**20
 
@@ -368,20 +371,20 @@ class OutputSet:
         _fsync_folder(self.staging)
         journal = {"staging": self.staging.name, "trash": f"{TRASH_PREFIX}{secrets.token_hex(4)}", "old": old,
                    "new": list(self.names)}
-        try:
-            atomic_write(self.folder / JOURNAL_NAME, lambda handle: json.dump(journal, handle))
-        except OutputWriteError as error:
-            raise write_error(self.folder, error.__cause__ or error) from error
-        self._journal_written = True
-        try:
-            with _signals_deferred():
+        with _signals_deferred():  # from the journal on, the commit goes to its end (or is rolled forward)
+            try:
+                atomic_write(self.folder / JOURNAL_NAME, lambda handle: json.dump(journal, handle))
+            except OutputWriteError as error:
+                raise write_error(self.folder, error.__cause__ or error) from error
+            self._journal_written = True
+            try:
                 _roll_forward(self.folder, journal)
-                self.committed = True  # before a deferred signal is raised
-        except OSError as error:
-            raise OutputWriteError(
-                f"{_text(self.folder)}: the new {self.what} could not be moved into place "
-                f"({_text(error.strerror or str(error))}); the next ppcasort run into this folder completes "
-                "the move") from error
+            except OSError as error:
+                raise OutputWriteError(
+                    f"{_text(self.folder)}: the new {self.what} could not be moved into place "
+                    f"({_text(error.strerror or str(error))}); the next ppcasort run into this folder completes "
+                    "the move") from error
+            self.committed = True  # before a deferred signal is raised
         return [self.folder / name for name in self.names]
 
     # -- closing ---------------------------------------------------------------------------------------
@@ -425,7 +428,7 @@ def recover(folder) -> None:
         name = entry.name
         if name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-        elif name.startswith(".") and name.endswith(PART_SUFFIX) and not _process_alive(_part_pid(name)):
+        elif _PART_NAME.fullmatch(name) and not _process_alive(int(_PART_NAME.fullmatch(name).group(1))):
             entry.unlink(missing_ok=True)
 
 
@@ -484,17 +487,7 @@ def _read_pid(descriptor: int) -> int | None:
         return None
 
 
-def _part_pid(name: str) -> int | None:
-    parts = name.split(".")
-    try:
-        return int(parts[-3])
-    except (IndexError, ValueError):
-        return None
-
-
-def _process_alive(pid: int | None) -> bool:
-    if pid is None:
-        return True  # not ours to judge
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
