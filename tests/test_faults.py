@@ -52,6 +52,24 @@ def run(args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
 
 
+_started: list[subprocess.Popen] = []
+
+
+def kill_started() -> None:
+    """End the runs a failed test left paused (before a tmpfs they use is unmounted)."""
+    for process in _started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    _started.clear()
+
+
+@pytest.fixture(autouse=True)
+def no_run_left():
+    yield
+    kill_started()
+
+
 def start(args, tmp_path, stage, action="pause", chunk_bytes=None, free_bytes=None
           ) -> tuple[subprocess.Popen, Path, Path]:
     """Start the command line with a fault at ``stage``; returns (process, ready file, go file)."""
@@ -64,6 +82,7 @@ def start(args, tmp_path, stage, action="pause", chunk_bytes=None, free_bytes=No
         environment["FAULT_FREE_BYTES"] = str(free_bytes)
     process = subprocess.Popen([sys.executable, str(RUNNER), *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=environment)
+    _started.append(process)
     return process, ready, go
 
 
@@ -237,6 +256,7 @@ def small_disk(folder: Path, megabytes: int):
     try:
         yield True
     finally:
+        kill_started()
         subprocess.run(["umount", str(folder)], check=True)
 
 

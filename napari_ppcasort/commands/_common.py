@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..core.errors import InputError, SettingsError
+from ..core.errors import InputError, SettingsError, literal
 from ..core.run import (CoefficientsProgress, IterationDone, RoundDone, SortFinished, SortStarted, iter_sort)
 from ..core.settings import SETTINGS, SortSettings, cli_name, read_settings_file
 
@@ -73,8 +73,7 @@ def settings_from_args(args: argparse.Namespace, defaults: SortSettings) -> Sort
         if args.settings is None:
             raise
         # the combination of the file's settings and the options: say where the values came from
-        where = str(args.settings).replace("{", "{{").replace("}", "}}")
-        raise SettingsError(f"{error.template} (with the settings of {where})") from None
+        raise SettingsError(f"{error.template} (with the settings of {literal(args.settings)})") from None
 
 
 # -- output options -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..core.outputs import OutputSet
 from ..core.simulate import LABEL_NAMES, load_volume, simulate_particles, write_simulated
+from ..core.errors import literal
 from ._common import UsageError, add_output_options
 
 NAME = "simulate"
@@ -86,21 +87,21 @@ def simulate(args: argparse.Namespace):
             defocus_um=None if args.defocus is None else tuple(args.defocus), pixel_size=args.pixel_size,
             random_state=args.seed)
     except (FileNotFoundError, IsADirectoryError):
-        raise UsageError(f"{_text(args.volume)}: no such volume file") from None
+        raise UsageError(f"{literal(args.volume)}: no such volume file") from None
     except ValueError as error:
         if isinstance(error, np.linalg.LinAlgError):
             raise
-        raise UsageError(_text(error)) from None
+        raise UsageError(literal(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     names = simulated_names(args.name)
     if Path(args.name).name != args.name or not args.name:
-        raise UsageError(f"--name must be a plain file name without folders, got {_text(repr(args.name))}")
+        raise UsageError(f"--name must be a plain file name without folders, got {literal(repr(args.name))}")
     n_images = max(args.n_particles + args.n_outliers + args.n_noise, 0)
     with OutputSet(args.output, previous=present(names), planned=names, force=args.force, inputs=[args.volume],
                    needed_bytes=n_images * (4 * max(args.box, 1) ** 2 + 200), what=f"a simulated stack named "
-                   f"{_text(repr(args.name))}") as output:
+                   f"{literal(repr(args.name))}") as output:
         stack = simulate(args)
         stage_simulated(output, stack, args.name)
         output.commit()
@@ -109,7 +110,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {stack.images.shape[0]} images of {args.box} px ({counts}; noise variance "
           f"{stack.noise_variance:.4g}) to {paths['star']}, {paths['stack'].name} and {paths['labels'].name}")
     return 0
-
-
-def _text(value) -> str:
-    return str(value).replace("{", "{{").replace("}", "}}")

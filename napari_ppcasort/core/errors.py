@@ -29,6 +29,7 @@ __all__ = [
     "OutputWriteError",
     "SortCancelled",
     "quote",
+    "literal",
 ]
 
 #: How a front end names a setting: (field name, form) -> text. ``form`` is "" for the setting itself and
@@ -43,7 +44,12 @@ def python_name(field: str, form: str) -> str:
 
 def quote(value) -> str:
     """``repr(value)`` made safe to put in a message template (braces doubled)."""
-    return repr(value).replace("{", "{{").replace("}", "}}")
+    return literal(repr(value))
+
+
+def literal(value) -> str:
+    """``str(value)`` (a path, another message) made safe to put in a message template (braces doubled)."""
+    return str(value).replace("{", "{{").replace("}", "}}")
 
 
 class _Names(dict):

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError
+from .errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError, literal
 
 __all__ = [
     "OutputSet",
@@ -80,11 +80,7 @@ def write_error(path: Path, error: OSError) -> OutputWriteError:
     reason = error.strerror or str(error)
     if error.errno == errno.ENOSPC:
         reason = "no space left on the device"
-    return OutputWriteError(f"{_text(path)}: cannot be written ({_text(reason)}); nothing was left behind")
-
-
-def _text(path) -> str:
-    return str(path).replace("{", "{{").replace("}", "}}")
+    return OutputWriteError(f"{literal(path)}: cannot be written ({literal(reason)}); nothing was left behind")
 
 
 # -- the one atomic-write helper -------------------------------------------------------------------------
@@ -247,24 +243,24 @@ class OutputSet:
     def _open(self) -> None:
         folder = self.folder
         if folder.exists() and not folder.is_dir():
-            raise InputError(f"{_text(folder)}: exists and is not a folder")
+            raise InputError(f"{literal(folder)}: exists and is not a folder")
         self._make_folder()
         self._lock()
         recover(folder)
         previous = sorted(set(self._previous(folder)))
         if previous and not self.force:
-            raise OutputExistsError(f"{_text(folder)} already holds {self.what} ({', '.join(previous)}); choose "
+            raise OutputExistsError(f"{literal(folder)} already holds {self.what} ({', '.join(previous)}); choose "
                                     "another folder or use --force to replace them")
         self._refuse_inputs(sorted(set(previous) | set(self.planned)))
         free = shutil.disk_usage(folder).free
         if free < self.needed_bytes + SPACE_MARGIN:
-            raise InputError(f"{_text(folder)}: not enough free space for the {self.what}: about "
+            raise InputError(f"{literal(folder)}: not enough free space for the {self.what}: about "
                              f"{_size(self.needed_bytes + SPACE_MARGIN)} needed, {_size(free)} free")
         staging = folder / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             staging.mkdir()
         except OSError as error:
-            raise InputError(f"{_text(folder)}: cannot write in the output folder ({_text(error.strerror)})"
+            raise InputError(f"{literal(folder)}: cannot write in the output folder ({literal(error.strerror)})"
                              ) from None
         self.staging = staging
 
@@ -276,12 +272,12 @@ class OutputSet:
             if parent.parent == parent:
                 break
             parent = parent.parent
+        self._created = missing  # deepest first: removed again, while empty, if the run fails
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise InputError(f"{_text(self.folder)}: cannot create the output folder "
-                             f"({_text(error.strerror)})") from None
-        self._created = missing  # deepest first
+            raise InputError(f"{literal(self.folder)}: cannot create the output folder "
+                             f"({literal(error.strerror)})") from None
 
     def _lock(self) -> None:
         lock_path = self.folder / LOCK_NAME
@@ -289,15 +285,15 @@ class OutputSet:
             try:
                 descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as error:
-                raise InputError(f"{_text(self.folder)}: cannot write in the output folder "
-                                 f"({_text(error.strerror)})") from None
+                raise InputError(f"{literal(self.folder)}: cannot write in the output folder "
+                                 f"({literal(error.strerror)})") from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_pid(descriptor)
                 os.close(descriptor)
                 raise OutputBusyError(
-                    f"{_text(self.folder)}: another ppcasort run{f' (process {holder})' if holder else ''} is "
+                    f"{literal(self.folder)}: another ppcasort run{f' (process {holder})' if holder else ''} is "
                     "writing its results in this folder; wait for it to end, or choose another folder") from None
             except OSError as error:
                 if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -315,7 +311,7 @@ class OutputSet:
                 self._lock_descriptor = descriptor
                 return
             os.close(descriptor)
-        raise OutputBusyError(f"{_text(self.folder)}: the lock of the output folder keeps changing; another run "
+        raise OutputBusyError(f"{literal(self.folder)}: the lock of the output folder keeps changing; another run "
                               "is starting here")
 
     def _refuse_inputs(self, names: list[str]) -> None:
@@ -324,8 +320,8 @@ class OutputSet:
             for source in self.inputs:
                 if _same_file(target, source):
                     raise InputError(
-                        f"{_text(target)}: refusing to overwrite an input file of this run"
-                        f"{'' if target.resolve() == source.resolve() else f' ({_text(source)})'}; choose another "
+                        f"{literal(target)}: refusing to overwrite an input file of this run"
+                        f"{'' if target.resolve() == source.resolve() else f' ({literal(source)})'}; choose another "
                         "output folder")
 
     # -- staging ---------------------------------------------------------------------------------------
@@ -381,8 +377,8 @@ class OutputSet:
                 _roll_forward(self.folder, journal)
             except OSError as error:
                 raise OutputWriteError(
-                    f"{_text(self.folder)}: the new {self.what} could not be moved into place "
-                    f"({_text(error.strerror or str(error))}); the next ppcasort run into this folder completes "
+                    f"{literal(self.folder)}: the new {self.what} could not be moved into place "
+                    f"({literal(error.strerror or str(error))}); the next ppcasort run into this folder completes "
                     "the move") from error
             self.committed = True  # before a deferred signal is raised
         return [self.folder / name for name in self.names]

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ComputeError, SettingsError, SortCancelled
+from .errors import ComputeError, SettingsError, SortCancelled, literal
 from .particles import ArrayParticleSet, ParticleFileError, ParticleSet, open_particles
 from .pipeline import coefficient_steps, make_preprocessor, make_sorter, removal_schedule, subspace_images
 from .preprocess import BadImageError, disk_mask
@@ -237,7 +237,7 @@ def check_sort(particles: ParticleSet, settings: SortSettings) -> None:
 
     ParticleFileError / SettingsError naming the particle file and the setting.
     """
-    where = _text(particles.path)
+    where = literal(particles.path)
     if particles.missing_stacks:
         raise ParticleFileError(f"{particles.path}: {len(particles.missing_stacks)} of its image stacks are missing "
                                 f"(first: {particles.missing_stacks[0]})")
@@ -307,19 +307,19 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
                                       scorer=sorter.scorer, basis=prepared.basis, preprocessor=prepared.preprocessor,
                                       coefficients=prepared.coefficients))
     except SettingsError as error:  # a setting that does not fit these data (the basis they give)
-        raise SettingsError(f"{_text(particles.path)}: {error.template}") from None
+        raise SettingsError(f"{literal(particles.path)}: {error.template}") from None
     except BadImageError as error:
         if error.constant_background and settings.normalize:
-            raise SettingsError(f"{_text(particles.path)}: {_text(error)}; for noise-free images (a simulation) whose "
+            raise SettingsError(f"{literal(particles.path)}: {literal(error)}; for noise-free images (a simulation) whose "
                                 "background is constant, sort without background normalisation ({normalize:off})"
                                 ) from None
         raise ParticleFileError(f"{particles.path}: {error}") from None
     except np.linalg.LinAlgError as error:
-        raise ComputeError(f"the fit failed numerically ({_text(error)}); try another {{random_state}}, fewer "
+        raise ComputeError(f"the fit failed numerically ({literal(error)}); try another {{random_state}}, fewer "
                            "{n_subspaces} or a smaller {total_dimension}") from error
     except MemoryError as error:
         raise ComputeError(f"not enough memory to sort {particles.n_particles} images of {particles.box_size} px "
-                           f"({_text(error) or 'MemoryError'}); lower {{box_size}} or {{n_coefficients}}, or sort "
+                           f"({literal(error) or 'MemoryError'}); lower {{box_size}} or {{n_coefficients}}, or sort "
                            "fewer particles at a time") from None
 
 
@@ -397,8 +397,4 @@ def _check_spread(coefficients: np.ndarray, particles, settings: SortSettings) -
     what = "blank (0)" if not first.any() else "the same"
     raise ParticleFileError(f"{particles.path}: all {coefficients.shape[0]} images are {what} inside the mask "
                             "circle after preprocessing: there is nothing to sort")
-
-
-def _text(value) -> str:
-    return str(value).replace("{", "{{").replace("}", "}}")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .bases import BASES
-from .errors import SettingsError, quote
+from .errors import SettingsError, literal, quote
 from .mixture import NOISE_MODELS
 from .models import MODELS
 from .sorting import COMBINATIONS
@@ -318,20 +318,20 @@ def read_settings_file(path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise SettingsError(f"{_path(path)}: no such settings file") from None
+        raise SettingsError(f"{literal(path)}: no such settings file") from None
     except IsADirectoryError:
-        raise SettingsError(f"{_path(path)}: is a folder, not a settings file (a parameters.json)") from None
+        raise SettingsError(f"{literal(path)}: is a folder, not a settings file (a parameters.json)") from None
     except UnicodeDecodeError:
-        raise SettingsError(f"{_path(path)}: not a JSON settings file (not UTF-8 text)") from None
+        raise SettingsError(f"{literal(path)}: not a JSON settings file (not UTF-8 text)") from None
     except OSError as error:
-        raise SettingsError(f"{_path(path)}: cannot read the settings file ({quote(error.strerror)})") from None
+        raise SettingsError(f"{literal(path)}: cannot read the settings file ({literal(error.strerror)})") from None
     try:
         content = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SettingsError(f"{_path(path)}: not a JSON file ({quote(str(error))[1:-1]})") from None
+        raise SettingsError(f"{literal(path)}: not a JSON file ({literal(error)})") from None
     values = content.get("settings", content) if isinstance(content, dict) else None
     if not isinstance(values, dict):
-        raise SettingsError(f"{_path(path)}: expected a parameters.json of ppcasort or a JSON object of settings")
+        raise SettingsError(f"{literal(path)}: expected a parameters.json of ppcasort or a JSON object of settings")
     checked = {}
     try:
         _refuse_unknown(values)
@@ -339,10 +339,6 @@ def read_settings_file(path) -> dict:
             checked[name] = SETTINGS[name].check(value)
     except SettingsError as error:
         message = error.describe(lambda name, form: f'"{name}"' + (" false" if form == "off" else ""))
-        raise SettingsError(f"{_path(path)}: {message.replace('{', '{{').replace('}', '}}')}") from None
+        raise SettingsError(f"{literal(path)}: {literal(message)}") from None
     return checked
-
-
-def _path(path: Path) -> str:
-    return str(path).replace("{", "{{").replace("}", "}}")
 
