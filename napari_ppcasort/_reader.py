@@ -18,11 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from .core.particles import ParticleFileError, ParticleSet, open_particles
+from .core.particles import PARTICLE_SUFFIXES, ParticleFileError, ParticleSet, open_particles
 
 __all__ = ["ParticleStack", "get_reader", "read_particles", "PARTICLE_SUFFIXES"]
 
-PARTICLE_SUFFIXES = (".mrcs", ".mrc", ".star", ".cs")
 #: Images sampled (evenly spaced) to set a new layer's contrast limits.
 CONTRAST_SAMPLE = 32
 

@@ -36,9 +36,13 @@ from qtpy.QtWidgets import QFileDialog, QLabel, QProgressBar, QSizePolicy, QVBox
 
 from ._histogram import ScoreHistogram
 from ._reader import PARTICLE_SUFFIXES, ParticleStack, stack_layer_kwargs
-from ._worker import CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortStarted, run_sort
+from ._worker import (CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortFinished, SortStarted, run_sort,
+                      widget_name)
+from .core.errors import PPCASortError
+from .core.models import MODELS, score_label
+from .core.bases import BASES
 from .core.particles import ArrayParticleSet, ParticleFileError, open_particles
-from .core.pipeline import BASES, MODELS, SortSettings, export_results, score_label
+from .core.settings import SETTINGS, SortSettings
 from .core.preprocess import default_radius, disk_mask
 
 __all__ = ["SortWidget", "MEANS_LAYER", "COMPONENTS_LAYER", "KEPT_LAYER", "REJECTED_LAYER"]
@@ -64,7 +68,7 @@ class SortWidget(QWidget):
     Signals (for scripts and tests):
         round_updated(RoundDone): after the layers and the histogram show a pruning round; once per round.
         run_finished(str): the sort ended: "done", "cancelled" or "failed".
-        exported(dict): an export finished; the paths written (see core.pipeline.export_results).
+        exported(dict): an export finished; the paths written (see core.run.SortResult.export).
     """
 
     round_updated = Signal(object)
@@ -83,6 +87,7 @@ class SortWidget(QWidget):
         self._file_particles = None
         self._run = None  # (particles, settings, stack) of the current or last run
         self._final = None  # the last SortRound of a finished run
+        self._result = None  # its SortResult (what Export writes)
         self._sorted_scores = np.empty(0)
         self._grid_set = False
         self._n_rounds = self._n_particles = 0
@@ -111,36 +116,33 @@ class SortWidget(QWidget):
         self.source = ComboBox(label="source", choices=self._source_choices)
         self.file = FileEdit(label="particle file", mode="r",
                              filter="Particle sets (" + " ".join(f"*{s}" for s in PARTICLE_SUFFIXES) + ")")
-        self.crop = SpinBox(label="crop to box (px)", min=8, max=8, value=8,
-                            tooltip="Fourier-crop the images to this box before sorting")
-        self.n_coefficients = SpinBox(label="basis size L", min=0, max=max(defaults.n_coefficients or 0, 2),
-                                      value=defaults.n_coefficients or 0,
-                                      tooltip="number of basis coefficients per image (0: estimated from the noise, PCA)")
-        self.n_coefficients.native.setSpecialValueText("auto")
-        self.model = ComboBox(label="model", choices=list(MODELS), value=defaults.model,
-                              tooltip="steerable: subspaces closed under in-plane rotation, scored by the evidence for "
-                                      "the class averages (needs the pswf basis); paper: the paper's subspaces and "
-                                      "sorting factor")
-        self.basis = ComboBox(label="basis", choices=list(BASES), value=defaults.basis,
-                              tooltip="pca: principal components of the images; pswf: prolate spheroidal wave functions")
-        self.n_subspaces = SpinBox(label="subspaces M", min=1, max=MAX_SUBSPACES, value=defaults.n_subspaces)
-        self.total_dimension = SpinBox(label="total dimension", min=defaults.n_subspaces,
+        box = SETTINGS["box_size"]
+        self.crop = SpinBox(label=box.label, min=box.minimum, max=box.minimum, value=box.minimum, tooltip=box.help)
+        self.n_coefficients = SpinBox(**_described("n_coefficients"), min=0,
+                                      max=max(defaults.n_coefficients or 0, 2), value=defaults.n_coefficients or 0)
+        self.n_coefficients.native.setSpecialValueText("auto")  # 0: none, estimated from the noise (PCA)
+        self.model = ComboBox(**_described("model"), choices=list(MODELS), value=defaults.model)
+        self.basis = ComboBox(**_described("basis"), choices=list(BASES), value=defaults.basis)
+        self.n_subspaces = SpinBox(**_described("n_subspaces"), min=SETTINGS["n_subspaces"].minimum, max=MAX_SUBSPACES,
+                                   value=defaults.n_subspaces)
+        self.total_dimension = SpinBox(**_described("total_dimension"), min=defaults.n_subspaces,
                                        max=max(defaults.total_dimension, (defaults.n_coefficients or 2) - 1),
-                                       value=defaults.total_dimension, tooltip="summed dimension of the subspaces (M x K)")
-        self.alpha = FloatSlider(label="alpha (%)", min=0.5, max=50.0, step=0.5, value=100 * defaults.alpha,
-                                 tooltip="percentage of the remaining images removed at each pruning round")
-        self.iterations = SpinBox(label="EM iterations per round", min=1, max=200, value=defaults.iterations_per_round)
+                                       value=defaults.total_dimension)
+        self.alpha = FloatSlider(**_described("alpha"), min=0.5, max=50.0, step=0.5,
+                                 value=SETTINGS["alpha"].unit_scale * defaults.alpha)
+        self.iterations = SpinBox(**_described("iterations_per_round"), min=SETTINGS["iterations_per_round"].minimum,
+                                  max=200, value=defaults.iterations_per_round)
         self.stop = ComboBox(label="stop after", choices=[STOP_ROUNDS, STOP_FRACTION, STOP_AUTOMATIC], value=STOP_ROUNDS,
                              tooltip="a fixed number of rounds; a kept fraction; or the automatic mode: remove only "
                                      "outliers of each round's scores, until a round finds none")
-        self.n_rounds = SpinBox(label="rounds", min=1, max=500, value=defaults.n_rounds)
-        self.target = FloatSlider(label="keep (%)", min=1.0, max=99.0, step=0.5, value=80.0, visible=False,
-                                  tooltip="stop when this percentage of the stack is left")
-        self.outlier_threshold = FloatSpinBox(
-            label="outlier threshold", min=1.0, max=10.0, step=0.5, value=DEFAULT_OUTLIER_THRESHOLD, visible=False,
-            tooltip="a round removes the images whose score is more than this many robust standard deviations above "
-                    "the median (at most alpha of them)")
-        self.seed = SpinBox(label="random seed", min=0, max=2**31 - 1, value=defaults.random_state)
+        self.n_rounds = SpinBox(**_described("n_rounds"), min=SETTINGS["n_rounds"].minimum, max=500,
+                                value=defaults.n_rounds)
+        self.target = FloatSlider(**_described("target_kept_fraction"), min=1.0, max=99.0, step=0.5, value=80.0,
+                                  visible=False)
+        self.outlier_threshold = FloatSpinBox(**_described("outlier_threshold"), min=1.0, max=10.0, step=0.5,
+                                              value=DEFAULT_OUTLIER_THRESHOLD, visible=False)
+        self.seed = SpinBox(**_described("random_state"), min=SETTINGS["random_state"].minimum, max=2**31 - 1,
+                            value=defaults.random_state)
         self.parameters = Container(widgets=[
             self.source, self.file, self.crop, self.model, self.basis, self.n_coefficients, self.n_subspaces,
             self.total_dimension, self.alpha, self.iterations, self.stop, self.n_rounds, self.target,
@@ -195,7 +197,7 @@ class SortWidget(QWidget):
         if shape is None:
             return
         box = shape[1]
-        self.crop.min = min(8, box)
+        self.crop.min = min(SETTINGS["box_size"].minimum, box)
         self.crop.max = box
         self.crop.value = min(box, SortSettings().box_size or box)
         self._update_limits()
@@ -303,11 +305,15 @@ class SortWidget(QWidget):
         try:
             settings = self.settings()
             particles, stack = self._source_particles()
+        except PPCASortError as error:
+            show_error(error.describe(widget_name))
+            return None
         except ValueError as error:
             show_error(str(error))
             return None
         self._run = (particles, settings, stack)
         self._final = None
+        self._result = None
         self._prepare_output_layers(settings, particles.box_size)
         self.histogram.clear("waiting for the first pruning round", score_label(settings))
         self._set_review_enabled(False)
@@ -381,6 +387,8 @@ class SortWidget(QWidget):
                 # the sort resumes once Qt has also painted the round (a zero timer fires after the
                 # pending paint events)
                 QTimer.singleShot(0, self._round_shown.set)
+        elif isinstance(event, SortFinished):
+            self._result = event.result
         elif isinstance(event, RunFailed):
             self._outcome = "failed"
             show_error(event.message)
@@ -516,23 +524,23 @@ class SortWidget(QWidget):
             self.viewer.add_image(subset, **stack_layer_kwargs(subset, name))
 
     def export(self, out_dir=None):
-        """Write the kept and rejected sets, scores.csv and parameters.json to ``out_dir`` in a worker.
+        """Write the results (kept and rejected sets, scores.csv, report.png, parameters.json) to ``out_dir`` as one
+        output set (all or nothing), in a worker.
 
         Without ``out_dir`` a folder dialog asks for one. Returns the worker (None if nothing to do);
         :attr:`exported` is emitted with the written paths when it is done.
         """
-        if self._final is None:
+        if self._result is None:
             show_error("Nothing to export yet: run a sort first.")
             return None
         if out_dir is None:
             out_dir = QFileDialog.getExistingDirectory(self, "Export the sorted particles to a folder")
             if not out_dir:
                 return None
-        particles, settings, _ = self._run
         kept = self.kept_mask
         self.export_button.enabled = False
         self._set_status(f"Exporting to {out_dir}...")
-        worker = thread_worker(_export, start_thread=False)(particles, self._final, kept, Path(out_dir), settings)
+        worker = thread_worker(_export, start_thread=False)(self._result, kept, Path(out_dir))
         worker.returned.connect(self._weak_slot("_on_exported", Path(out_dir), int(kept.sum()), int((~kept).sum())))
         worker.finished.connect(self._weak_slot("_on_export_finished"))
         worker.start()
@@ -609,9 +617,14 @@ def montage(tiles: np.ndarray) -> np.ndarray:
     return tiles.transpose(0, 2, 1, 3).reshape(rows * box, columns * box)
 
 
-def _export(particles, result, kept, out_dir: Path, settings):
-    """export_results in a worker thread: the written paths, or the message of a rejected export."""
+def _export(result, kept, out_dir: Path):
+    """SortResult.export in a worker thread: the written paths, or the message of a refused or failed export."""
     try:
-        return export_results(particles, result, kept, out_dir, settings)
-    except (ValueError, OSError) as error:
-        return str(error)
+        return result.export(out_dir, kept_mask=kept)
+    except PPCASortError as error:
+        return error.describe(widget_name)
+
+
+def _described(name: str) -> dict:
+    """The label and tooltip of a setting's widget, from its declaration."""
+    return {"label": SETTINGS[name].label, "tooltip": SETTINGS[name].help}

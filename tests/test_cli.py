@@ -24,7 +24,7 @@ from napari_ppcasort.core.particles import open_particles
 from napari_ppcasort.core.pipeline import SortSettings
 from napari_ppcasort.core.simulate import NOISE, OUTLIER, PARTICLE
 
-from fixture_paths import DATA, EMPIAR, VOLUME
+from fixture_paths import EMPIAR, VOLUME
 from fixture_paths import TOY as TOY_FOLDER
 
 TOY = TOY_FOLDER / "toy_projections.star"
@@ -106,8 +106,15 @@ def test_existing_results_are_refused_then_replaced_with_force_and_settings_file
     assert_one_line_error(refused, r"already holds results \(.*kept\.star.*\).*--force")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
+    # the settings file of a run is an input: a --force run into its folder would replace it, and is refused
+    refused = run("sort", TOY, "-o", out, "--settings", out / "parameters.json", "--force")
+    assert_one_line_error(refused, r"parameters\.json: refusing to overwrite an input file of this run")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
     # with --force, on a terminal: a bar per round; the settings of the earlier run, one of them changed
-    stderr, stdout, returncode = run_on_terminal("sort", TOY, "-o", out, "--settings", out / "parameters.json",
+    settings_file = out.parent / "earlier.json"
+    settings_file.write_bytes(before["parameters.json"])
+    stderr, stdout, returncode = run_on_terminal("sort", TOY, "-o", out, "--settings", settings_file,
                                                  "--n-rounds", "1", "--force")
     assert returncode == 0, stderr
     assert "kept 950 of 1000 particles (95.0%) after 1 pruning round;" in stdout
@@ -204,6 +211,9 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
     images = np.random.default_rng(0).normal(size=(30, 16, 16)).astype(np.float32)
     images[12, 3, 4] = np.nan
     nan_stack = write_stack(folder / "nan.mrcs", images)
+    # pure noise: PCA finds no component above the noise, far fewer than the total dimension
+    noise_stack = write_stack(folder / "noise.mrcs", np.random.default_rng(1).normal(size=(300, 24, 24)).astype(
+        np.float32))
     (folder / "notes.txt").write_text("hello")
     (folder / "a_file").write_text("")
     out = folder / "out"
@@ -219,16 +229,21 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
         "index out of range": (["sort", out_of_range, "-o", out], r"range\.star: particle 1 asks for image 8"),
         "NaN pixels": (["sort", nan_stack, "-o", out, *TINY_SETTINGS], r"nan\.mrcs: image 13 .*contains NaN"),
         "constant background": (["sort", TOY, "-o", out, "--n-coefficients", "40", "--total-dimension", "12"],
-                                r"toy_projections\.star: .*background .* is constant"),
-        "alpha 1.5": (["sort", TOY, "-o", out, "--alpha", "1.5"], r"alpha must be a fraction strictly between 0 and 1"),
+                                r"toy_projections\.star: particle 0: its background .* is constant, so it cannot be "
+                                r"normalised; for noise-free images \(a simulation\) whose background is constant, sort "
+                                r"without background normalisation \(--no-normalize\)$"),
+        "alpha 1.5": (["sort", TOY, "-o", out, "--alpha", "1.5"],
+                      r"--alpha must be a number strictly between 0 and 1, got 1\.5$"),
         "alpha not a number": (["sort", TOY, "-o", out, "--alpha", "half"],
                                r"^ppcasort sort: error: argument --alpha: invalid float value: 'half'"),
-        "no stopping rule": (["sort", TOY, "-o", out, "--n-rounds", "none"], r"give n_rounds, target_kept_fraction"),
+        "no stopping rule": (["sort", TOY, "-o", out, "--n-rounds", "none"],
+                             r"give --n-rounds, --target-kept-fraction or --outlier-threshold"),
         "unknown basis": (["sort", TOY, "-o", out, "--basis", "fourier"], r"argument --basis: invalid choice"),
-        "dimension above the basis": (["sort", DATA / "aspire_sample_real17" / "sample.mrcs", "-o", out,
-                                       "--box-size", "32", "--model", "paper", "--basis", "pca", "--n-coefficients",
-                                       "none"],
-                                      r"basis gives \d+ coefficients, not more than the total dimension 60"),
+        "dimension above the basis": (["sort", noise_stack, "-o", out, "--model", "paper", "--basis", "pca",
+                                       "--n-coefficients", "none"],
+                                      r"noise\.mrcs: the PCA basis gives \d coefficients, not more than the total "
+                                      r"dimension 60: lower --total-dimension or ask for more coefficients "
+                                      r"\(--n-coefficients\)"),
         "too few images": (["sort", EMPIAR / "empiar_10076_7.mrc", "-o", out, "--n-subspaces", "2",
                             "--total-dimension", "4", "--n-coefficients", "5", "--box-size", "32"],
                            r"7 images are too few to sort with 2 subspaces of dimension 2"),
@@ -263,7 +278,7 @@ def test_an_unexpected_error_is_not_dressed_as_an_input_error(tmp_path, monkeypa
     def broken(settings, basis):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("napari_ppcasort.cli.make_sorter", broken)
+    monkeypatch.setattr("napari_ppcasort.core.run.make_sorter", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["sort", str(TOY), "-o", str(tmp_path), *TOY_SETTINGS])
 
@@ -309,7 +324,7 @@ def test_demo_keeps_a_purer_set_than_the_raw_stack_and_refuses_to_rerun_without_
     assert_png(out / "report.png")
 
     again = run("demo", "-o", out)
-    assert_one_line_error(again, r"already holds a demo run; use --force")
+    assert_one_line_error(again, r"already holds a demo run \(.*simulated\.star.*\); .*--force")
 
 
 def test_gui_refuses_without_a_display_and_checks_its_input_first(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,8 @@ from scipy.stats import rankdata
 
 from napari_ppcasort.core.bases import PCABasis
 from napari_ppcasort.core.mppca import MixturePPCA
-from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, score_label
+from napari_ppcasort.core.models import score_label
+from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients
 from napari_ppcasort.core.particles import ArrayParticleSet
 from napari_ppcasort.core.simulate import NOISE, PARTICLE, simulate_particles
 from napari_ppcasort.core.sorting import SortingFactorScore
@@ -31,17 +32,18 @@ def test_the_default_model_is_the_steerable_one_and_needs_the_pswf_basis():
     assert SortSettings().model == "steerable" and SortSettings().basis == "pswf"
     with pytest.raises(ValueError, match="steerable model needs the steerable basis 'pswf', not 'pca'"):
         SortSettings(basis="pca")
-    with pytest.raises(ValueError, match="combine and center set the sorting factor of model 'paper'"):
+    with pytest.raises(ValueError, match="combine applies to model 'paper' only; with the steerable model leave it at "
+                                         "its default \\('sum'\\)"):
         SortSettings(combine="min")
-    with pytest.raises(ValueError, match="combine and center"):
+    with pytest.raises(ValueError, match="center applies to model 'paper' only"):
         SortSettings(center=True)
-    with pytest.raises(ValueError, match=r"model must be one of \('steerable', 'paper'\), got 'fancy'"):
+    with pytest.raises(ValueError, match=r"model must be one of 'steerable', 'paper', got the text 'fancy'"):
         SortSettings(model="fancy")
     assert SortSettings(model="paper", basis="pca", combine="min", center=True).combine == "min"
     with pytest.raises(ValueError, match="needs coefficients in the PSWF basis, got PCABasis"):
         make_sorter(SortSettings(), PCABasis(32))
     # the schedule is still checked when the settings are made, before any data is read
-    with pytest.raises(ValueError, match="alpha must be a fraction"):
+    with pytest.raises(ValueError, match="alpha must be a number strictly between 0 and 1, got 1.5"):
         SortSettings(alpha=1.5)
 
 

@@ -9,7 +9,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, score_label, subspace_images
+from napari_ppcasort.core.models import score_label
+from napari_ppcasort.core.pipeline import SortSettings, make_sorter, prepare_coefficients, subspace_images
 from napari_ppcasort.core.particles import ArrayParticleSet
 from napari_ppcasort.core.report import (
     MAX_SUBSPACES_SHOWN,

@@ -24,7 +24,8 @@ from napari_ppcasort._widget import (
 )
 from napari_ppcasort._worker import IterationDone, RoundDone, RunFailed, run_sort
 from napari_ppcasort.core.mixture import MixtureParameters
-from napari_ppcasort.core.pipeline import SortSettings, score_label
+from napari_ppcasort.core.models import score_label
+from napari_ppcasort.core.settings import SETTINGS, SortSettings
 from napari_ppcasort.core.particles import open_particles
 
 RUN_TIMEOUT_MS = 120_000
@@ -336,8 +337,34 @@ def test_bad_input_and_parameters_are_notifications(qtbot, make_napari_viewer, s
         widget.run()
     assert finished.args == ["failed"]
     assert "total dimension 100" in errors[-1]
+    # the settings named as the widget labels them, the file named
+    assert errors[-1].endswith('lower "total dimension" or ask for more coefficients ("basis size L")')
+    assert errors[-1].startswith(f"{tmp_path / 'good.mrcs'}: the PCA basis gives")
     assert widget.status.text().startswith("Failed:")
     assert widget.n_round_updates == 0
+
+
+def test_widget_labels_and_limits_come_from_the_settings_schema(make_napari_viewer, sample_layer):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = sample_layer
+    viewer.add_image(data, **kwargs)
+    widget = dock(viewer)
+    controls = {"model": widget.model, "basis": widget.basis, "n_subspaces": widget.n_subspaces,
+                "total_dimension": widget.total_dimension, "alpha": widget.alpha,
+                "iterations_per_round": widget.iterations, "n_rounds": widget.n_rounds,
+                "target_kept_fraction": widget.target, "outlier_threshold": widget.outlier_threshold,
+                "random_state": widget.seed, "box_size": widget.crop, "n_coefficients": widget.n_coefficients}
+    for name, control in controls.items():
+        declaration = SETTINGS[name]
+        assert control.label == declaration.label and control.tooltip == declaration.help
+        if declaration.allowed is not None:
+            assert list(control.choices) == list(declaration.allowed)
+            continue
+        # every value a control can take is valid for its setting (0 coefficients stands for none: "auto")
+        for shown in (control.min, control.max):
+            value = shown / declaration.unit_scale
+            if not (name == "n_coefficients" and value == 0):
+                declaration.check(int(value) if declaration.type is int else float(value))
 
 
 def test_display_tiles_maps_each_tile_to_unit_range():
@@ -365,7 +392,7 @@ def test_run_sort_yields_one_event_per_iteration_and_round(sample_layer):
     kinds = [type(event).__name__ for event in events]
     first_sort = kinds.index("SortStarted")
     assert set(kinds[:first_sort]) == {"CoefficientsProgress"}
-    assert kinds[first_sort + 1:] == (["IterationDone"] * 3 + ["RoundDone"]) * 2
+    assert kinds[first_sort + 1:] == (["IterationDone"] * 3 + ["RoundDone"]) * 2 + ["SortFinished"]
     assert events[first_sort - 1].done == events[first_sort - 1].total == 2000
     ticks = [event for event in events if isinstance(event, IterationDone)]
     assert [tick.iteration for tick in ticks] == [1, 2, 3, 4, 5, 6]

@@ -18,6 +18,7 @@ row 0 at the top (counter-clockwise on screen, the direction of ``np.rot90``) ma
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,6 +31,10 @@ from .preprocess import BadImageError, Preprocessor, as_image_stack, check_radiu
 
 # 99th percentile of the Tracy-Widom distribution of order 1 (largest eigenvalue of a real Wishart matrix).
 TRACY_WIDOM_99 = 2.0234
+
+# The largest band limit accepted, in multiples of the Nyquist band limit pi * radius: beyond it every function
+# is aliased on the pixel grid, and the radial eigenproblems (of size ~0.75 c) would take minutes.
+MAX_BANDLIMIT_NYQUIST = 2.0
 
 # A sampled PSWF that keeps less than this fraction of its norm once orthogonalised against the more
 # concentrated ones is numerically a combination of them on the pixel grid.
@@ -282,6 +287,9 @@ class PSWFBasis(_DiskMatrixBasis):
             raise ValueError(f"max_coefficients must be at least 1, got {max_coefficients}")
         self.truncation = float(truncation)
         nyquist = np.pi * self.radius
+        if bandlimit is not None and not 0 < bandlimit <= MAX_BANDLIMIT_NYQUIST * nyquist:
+            raise ValueError(f"band limit must be positive and at most {MAX_BANDLIMIT_NYQUIST:g} x Nyquist "
+                             f"(pi x radius = {nyquist:.4g} for a radius of {self.radius:g} px), got {bandlimit:g}")
         if bandlimit is not None:
             self.bandlimit, prolates = float(bandlimit), _radial_prolates(float(bandlimit), self.truncation)
         elif max_coefficients is None:
@@ -583,6 +591,20 @@ def expand_particles(particles, basis: Basis, preprocessor: Preprocessor, indice
         ValueError: mismatched box sizes, bad indices or ``out``; BadImageError naming the particle
             whose image cannot be preprocessed.
     """
+    steps = expansion_steps(particles, basis, preprocessor, indices, chunk_size, out)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if progress is not None:
+            progress(done, total)
+
+
+def expansion_steps(particles, basis: Basis, preprocessor: Preprocessor, indices=None, chunk_size: int | None = None,
+                    out: np.ndarray | None = None):
+    """:func:`expand_particles` as a generator: yields (done, total) images after each chunk and returns the
+    (N, L) coefficients, so that a caller can report progress or stop between chunks."""
     if preprocessor.box_size != particles.box_size:
         raise ValueError(f"the preprocessor expects {preprocessor.box_size} px images but the particles are "
                          f"{particles.box_size} px")
@@ -612,9 +634,52 @@ def expand_particles(particles, basis: Basis, preprocessor: Preprocessor, indice
         try:
             prepared = preprocessor(images)
         except BadImageError as error:
-            raise BadImageError(int(chunk_indices[error.position]), error.reason, label="particle") from error
+            raise BadImageError(int(chunk_indices[error.position]), error.reason, label="particle",
+                                constant_background=error.constant_background) from error
         out[rows] = basis.expand(prepared)
         done += len(chunk_indices)
-        if progress is not None:
-            progress(done, indices.size)
+        yield done, indices.size
     return out
+
+
+# -- the bases a sort can use ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BasisSpec:
+    """One basis of :data:`BASES`.
+
+    Attributes:
+        name: the value of the ``basis`` setting.
+        summary: one line for the help of the ``basis`` setting.
+        build: ``build(particles, preprocessor, settings) -> basis``: the basis for the preprocessed images of
+            ``particles`` (fitted on them if it is learned from the data).
+        steerable: True if rotating an image only turns its coefficients (see ``PSWFBasis.rotate``): what the
+            models with ``steerable_basis`` need.
+    """
+
+    name: str
+    summary: str
+    build: Callable
+    steerable: bool = False
+
+
+def _pswf_for(particles, preprocessor: Preprocessor, settings) -> PSWFBasis:
+    return PSWFBasis(preprocessor.output_box, radius=preprocessor.radius, max_coefficients=settings.n_coefficients)
+
+
+def _pca_for(particles, preprocessor: Preprocessor, settings) -> PCABasis:
+    basis = PCABasis(preprocessor.output_box, radius=preprocessor.radius, n_components=settings.n_coefficients,
+                     random_state=settings.random_state)
+    rng = np.random.default_rng(settings.random_state)
+    n_sample = min(particles.n_particles, basis.sample_size)
+    sample = np.sort(rng.choice(particles.n_particles, size=n_sample, replace=False))
+    return basis.fit(preprocessor(images) for _, images in particles.iter_chunks(sample))
+
+
+#: The bases a sort can use, by the value of the ``basis`` setting. Adding one is one entry.
+BASES: dict[str, BasisSpec] = {spec.name: spec for spec in (
+    BasisSpec("pswf", "prolate spheroidal wave functions, fixed and steerable (the paper's basis)", _pswf_for,
+              steerable=True),
+    BasisSpec("pca", "principal components of a sample of the images", _pca_for),
+)}

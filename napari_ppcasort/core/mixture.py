@@ -14,10 +14,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MixtureEM", "MixtureParameters", "NOISE_MODELS", "kmeans_labels", "logsumexp_rows"]
+__all__ = ["MixtureEM", "MixtureParameters", "NOISE_MODELS", "NotFittedError", "check_is_fitted", "kmeans_labels",
+           "logsumexp_rows"]
 
 NOISE_MODELS = ("shared", "per_component")
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class NotFittedError(ValueError, AttributeError):
+    """A mixture was used (scored, stepped, asked for a fitted attribute) before ``fit`` or ``initialize``,
+    as scikit-learn's ``NotFittedError``."""
+
+
+def check_is_fitted(model) -> None:
+    """NotFittedError unless ``model`` has been fitted (or initialised)."""
+    if "means_" not in vars(model):
+        raise NotFittedError(f"this {type(model).__name__} is not fitted yet: call fit(data) (or initialize(data)) "
+                             "first")
 
 
 def logsumexp_rows(values: np.ndarray) -> np.ndarray:
@@ -82,7 +95,18 @@ class MixtureEM:
 
     Subclasses implement ``step``, ``log_densities``, :meth:`_check_features` and :meth:`_set_from_clusters`
     (and may choose the :meth:`_clustering_features` of the initialisation).
+
+    As scikit-learn's estimators: scoring or stepping before ``fit``/``initialize``, or reading a fitted
+    attribute (a public name ending in ``_``) before, raises :class:`NotFittedError`; ``converged_`` says
+    whether ``fit`` met its tolerance; ``predict`` gives the most responsible component.
     """
+
+    def __getattr__(self, name: str):
+        # only called for attributes that are not set: the fitted ones before fitting
+        if name.endswith("_") and not name.startswith("_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(data) (or "
+                                 f"initialize(data)) before reading {name}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __init__(
         self,
@@ -142,6 +166,7 @@ class MixtureEM:
         self.log_likelihood_ = []
         self.n_iter_ = 0
         self.n_reseeded_ = 0
+        self.converged_ = False
         return self
 
     def fit(self, data) -> "MixtureEM":
@@ -151,6 +176,7 @@ class MixtureEM:
             self.step(data)
             trace = self.log_likelihood_
             if len(trace) >= 2 and abs(trace[-1] - trace[-2]) < self.tol * max(1.0, abs(trace[-1])):
+                self.converged_ = True
                 break
         return self
 
@@ -162,6 +188,10 @@ class MixtureEM:
         """Responsibilities p(component m | y_i), shape (N, M), rows summing to 1."""
         log_dens = self.log_densities(data)
         return np.exp(log_dens - logsumexp_rows(log_dens)[:, None])
+
+    def predict(self, data) -> np.ndarray:
+        """The most responsible component of each row of ``data`` (N, L), shape (N,) int."""
+        return np.argmax(self.log_densities(data), axis=1)
 
     def score(self, data) -> float:
         """Mean log-likelihood per sample."""
@@ -184,6 +214,8 @@ class MixtureEM:
         fitting : also check that there are enough samples for the model.
         check_finite : scan the data (in chunks) for NaN and infinite values, naming the first bad row.
         """
+        if not fitting:
+            check_is_fitted(self)
         data = data if isinstance(data, np.memmap) else np.asarray(data)
         if data.ndim != 2:
             raise ValueError(f"data must be a 2-D array (n_samples, n_features), got shape {data.shape}")

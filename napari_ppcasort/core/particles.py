@@ -36,19 +36,24 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mrcfile
 import numpy as np
 import pandas as pd
 import starfile
 
-__all__ = ["ArrayParticleSet", "ParticleFileError", "ParticleSet", "open_particles", "write_particles"]
+from .errors import InputError
+from .outputs import atomic_files, write_error, write_mrc_stack
+
+__all__ = ["ArrayParticleSet", "FORMATS", "PARTICLE_SUFFIXES", "ParticleFileError", "ParticleFormat", "ParticleSet",
+           "open_particles", "write_particles", "write_subset", "subset_paths", "input_files"]
 
 #: Default amount of image data (bytes, float32) per chunk of :meth:`ParticleSet.iter_chunks`.
 CHUNK_BYTES = 64 * 2**20
@@ -57,17 +62,18 @@ MAX_OPEN_STACKS = 64
 #: Largest relative spread of per-particle pixel sizes that still counts as one pixel size.
 PIXEL_SIZE_TOLERANCE = 0.02
 
-_STACK_SUFFIXES = (".mrc", ".mrcs")
 _READABLE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float16, np.int8, np.int16, np.uint16))
 _CS_COMPRESSED_MAGIC = b"\x95CSDAT"
 _CS_REQUIRED_FIELDS = ("blob/path", "blob/idx", "blob/shape")
 
 
-class ParticleFileError(ValueError):
+class ParticleFileError(InputError):
     """A particle file (stack, STAR or .cs) is missing, unreadable or inconsistent.
 
-    The message always names the offending file and says what is wrong with it.
+    The message always names the offending file and says what is wrong with it (plain text, no placeholders).
     """
+
+    uses_placeholders = False
 
 
 class ParticleSet:
@@ -347,6 +353,7 @@ class ArrayParticleSet(ParticleSet):
         super().__init__(Path(stack_name), "stack", table, [stack_name], np.zeros(shape[0], dtype=np.intp),
                          np.arange(shape[0]), metadata_box_size=shape[1], metadata_pixel_size=pixel_size,
                          star_blocks={"particles": table}, particle_block="particles")
+        self.missing_stacks = []  # the images are the array, not a file
 
     def read(self, indices) -> np.ndarray:
         """(len(indices), box, box) float32 images, in the order of ``indices`` (see ParticleSet.read)."""
@@ -381,13 +388,11 @@ def open_particles(path) -> ParticleSet:
     if not path.is_file():
         raise ParticleFileError(f"{path}: not a file")
     suffix = path.suffix.lower()
-    if suffix in _STACK_SUFFIXES:
-        return _open_stack(path)
-    if suffix == ".star":
-        return _open_star(path)
-    if suffix == ".cs":
-        return _open_cs(path)
-    raise ParticleFileError(f"{path}: unknown file type {suffix!r}; expected .mrc, .mrcs, .star or .cs")
+    for particle_format in FORMATS.values():
+        if suffix in particle_format.suffixes:
+            return particle_format.open(path)
+    raise ParticleFileError(f"{path}: unknown file type {suffix!r}; expected {', '.join(PARTICLE_SUFFIXES[:-1])} or "
+                            f"{PARTICLE_SUFFIXES[-1]}")
 
 
 def _open_stack(path: Path) -> ParticleSet:
@@ -701,8 +706,10 @@ def write_particles(particles: ParticleSet, indices, out_dir, name: str,
       ``blob/path`` and ``blob/idx`` still point at the original stacks. ``extra_columns`` and
       ``images`` are not written into a ``.cs`` file (cryoSPARC fields have a fixed schema).
 
-    Each file is written under a temporary name in ``out_dir`` and renamed into place; the stack is
-    filled chunk by chunk through a memory map, so large subsets need little RAM.
+    Each file is written under a temporary name in ``out_dir`` and renamed into place (see
+    :func:`~napari_ppcasort.core.outputs.atomic_files`); the stack is written chunk by chunk with plain
+    writes, so large subsets need one chunk of memory. The files of a whole sort are written as one output
+    set instead (see :mod:`napari_ppcasort.core.outputs`).
 
     Args:
         particles: the set to take the subset from.
@@ -720,50 +727,61 @@ def write_particles(particles: ParticleSet, indices, out_dir, name: str,
 
     Raises:
         ParticleFileError: an output path is one of the input files (the metadata file or a stack).
+        OutputWriteError: a file could not be written (full disk...); nothing is left behind.
         ValueError: empty subset, bad name, or extra_columns / images of the wrong length or shape.
         IndexError: an index outside [0, n_particles).
     """
     keep = np.unique(particles._check_indices(indices))
-    if keep.size == 0:
-        raise ValueError(f"nothing to write to {name}: the subset of {particles.path} is empty")
     if not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"output name must be a plain file name without folders, got {name!r}")
-    extra_columns = dict(extra_columns or {})
-    for column, values in extra_columns.items():
+    out_dir = Path(out_dir)
+    outputs = subset_paths(particles, out_dir, name)
+    _check_subset(particles, keep, name, extra_columns, images)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_overwriting_inputs(particles, list(outputs.values()))
+    try:
+        with atomic_files(*outputs.values()) as temporaries:
+            write_subset(particles, keep, dict(zip(outputs, temporaries)), extra_columns=extra_columns, images=images,
+                         stack_name=_stack_name(outputs, image_root))
+    except OSError as error:
+        failed = next((path for path in outputs.values() if error.filename and Path(error.filename).name.startswith(
+            f".{path.name}.")), out_dir)
+        raise write_error(failed, error) from error
+    return list(outputs.values())
+
+
+def subset_paths(particles: ParticleSet, out_dir, name: str) -> dict[str, Path]:
+    """The files a subset of ``particles`` named ``name`` is written as in ``out_dir``, by suffix."""
+    return {suffix: Path(out_dir) / f"{name}{suffix}" for suffix in FORMATS[particles.kind].output_suffixes}
+
+
+def write_subset(particles: ParticleSet, keep: np.ndarray, files: dict[str, Path], *,
+                 extra_columns: dict[str, np.ndarray] | None = None, images=None, stack_name: str | None = None) -> None:
+    """Write the particles ``keep`` (sorted, unique) of ``particles`` in its format to ``files`` (by suffix, as
+    :func:`subset_paths` gives them, here possibly temporary or staged names), the STAR naming its stack
+    ``stack_name`` (where the stack will be). The checks are :func:`write_particles`'; OSError if a file cannot
+    be written."""
+    _check_subset(particles, keep, "subset", extra_columns, images)
+    FORMATS[particles.kind].write(particles, keep, files, dict(extra_columns or {}), images, stack_name)
+
+
+def _check_subset(particles: ParticleSet, keep: np.ndarray, name: str, extra_columns, images) -> None:
+    if keep.size == 0:
+        raise ValueError(f"nothing to write to {name}: the subset of {particles.path} is empty")
+    for column, values in (extra_columns or {}).items():
         if len(values) != particles.n_particles:
             raise ValueError(f"extra column {column!r} has {len(values)} values, expected one per particle "
                              f"of {particles.path} ({particles.n_particles})")
     if images is not None:
         expected_shape = (particles.n_particles, particles.box_size, particles.box_size)
-        if particles.kind == "cs":
+        if not FORMATS[particles.kind].writes_images:
             raise ValueError(f"cannot write images for {particles.path}: a .cs subset points at the original stacks")
         if tuple(images.shape) != expected_shape:
             raise ValueError(f"images have shape {tuple(images.shape)}, expected {expected_shape}")
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if particles.kind == "cs":
-        outputs = [out_dir / f"{name}.cs"]
-    else:
-        outputs = [out_dir / f"{name}.mrcs", out_dir / f"{name}.star"]
-    _refuse_overwriting_inputs(particles, outputs)
 
-    temporaries = []
-    try:
-        if particles.kind == "cs":
-            temporaries.append(_temporary_path(outputs[0]))
-            with open(temporaries[0], "wb") as stream:
-                np.save(stream, particles.records[keep], allow_pickle=False)
-        else:
-            temporaries = [_temporary_path(outputs[0]), _temporary_path(outputs[1])]
-            _write_stack(particles, keep, images, temporaries[0])
-            _write_star(particles, keep, extra_columns, _image_path_name(outputs[0], image_root), temporaries[1])
-        for temporary, output in zip(temporaries, outputs):
-            os.replace(temporary, output)
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
-    return outputs
+def _stack_name(outputs: dict[str, Path], image_root) -> str | None:
+    return _image_path_name(outputs[".mrcs"], image_root) if ".mrcs" in outputs else None
 
 
 def _image_path_name(stack: Path, image_root) -> str:
@@ -776,8 +794,15 @@ def _image_path_name(stack: Path, image_root) -> str:
         return stack.as_posix()
 
 
+def input_files(particles: ParticleSet) -> list[Path]:
+    """Every file a particle set reads: its metadata file and the stacks that exist (none for an array)."""
+    if isinstance(particles, ArrayParticleSet):
+        return []
+    return [particles.path] + [path for path, found in zip(particles.stack_paths, particles._stack_found) if found]
+
+
 def _refuse_overwriting_inputs(particles: ParticleSet, outputs: list[Path]) -> None:
-    inputs = [particles.path] + [path for path, found in zip(particles.stack_paths, particles._stack_found) if found]
+    inputs = input_files(particles)
     for output in outputs:
         for source in inputs:
             same = output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source))
@@ -785,32 +810,28 @@ def _refuse_overwriting_inputs(particles: ParticleSet, outputs: list[Path]) -> N
                 raise ParticleFileError(f"{output}: refusing to overwrite an input file of {particles.path}")
 
 
-def _temporary_path(final: Path) -> Path:
-    """A fresh hidden name next to ``final`` (the file is created by its writer, with the usual permissions)."""
-    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(6)}.part")
-
-
-def _write_stack(particles: ParticleSet, keep: np.ndarray, images, path: Path) -> None:
-    """Write the images of ``keep`` as a float32 MRC stack at ``path``, chunk by chunk, with header statistics."""
+def _write_star_subset(particles: ParticleSet, keep: np.ndarray, files: dict[str, Path],
+                       extra_columns: dict[str, np.ndarray], images, stack_name: str | None) -> None:
+    """The STAR + stack writer (STAR and stack inputs): ``files[".mrcs"]`` then ``files[".star"]``."""
     box = particles.box_size
     chunk_size = max(1, CHUNK_BYTES // (4 * box * box))
-    total = total_squares = 0.0
-    low, high = np.inf, -np.inf
-    with mrcfile.new_mmap(path, shape=(keep.size, box, box), mrc_mode=2, overwrite=True) as mrc:
-        mrc.set_image_stack()
+
+    def chunks():
         for start in range(0, keep.size, chunk_size):
             chunk = keep[start:start + chunk_size]
-            block = particles.read(chunk) if images is None else np.asarray(images[chunk], dtype=np.float32)
-            mrc.data[start:start + chunk.size] = block
-            total += float(block.sum(dtype=np.float64))
-            total_squares += float(np.square(block).sum(dtype=np.float64))
-            low, high = min(low, float(block.min())), max(high, float(block.max()))
-        n_values = keep.size * box * box
-        mean = total / n_values
-        mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
-        mrc.header.rms = np.sqrt(max(total_squares / n_values - mean**2, 0.0))
-        if particles.pixel_size is not None:
-            mrc.voxel_size = particles.pixel_size
+            yield particles.read(chunk) if images is None else np.asarray(images[chunk], dtype=np.float32)
+
+    write_mrc_stack(files[".mrcs"], keep.size, box, chunks(), voxel_size=particles.pixel_size)
+    if stack_name is None:
+        stack_name = _image_path_name(files[".mrcs"], None)
+    _write_star(particles, keep, extra_columns, stack_name, files[".star"])
+
+
+def _write_cs_subset(particles: ParticleSet, keep: np.ndarray, files: dict[str, Path],
+                     extra_columns: dict[str, np.ndarray], images, stack_name: str | None) -> None:
+    """The .cs writer: the subset of the records, same dtype (blob paths still point at the original stacks)."""
+    with open(files[".cs"], "xb") as stream:
+        np.save(stream, particles.records[keep], allow_pickle=False)
 
 
 def _write_star(particles: ParticleSet, keep: np.ndarray, extra_columns: dict[str, np.ndarray],
@@ -837,3 +858,38 @@ def _floats_as_text(table: pd.DataFrame) -> pd.DataFrame:
     """
     return table.assign(**{column: table[column].astype(str)
                            for column in table.columns if table[column].dtype.kind == "f"})
+
+
+# -- the formats ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParticleFormat:
+    """A particle file format: which files it opens, and how a subset of a set opened from it is written.
+
+    Attributes:
+        kind: the :attr:`ParticleSet.kind` of the sets it opens.
+        suffixes: file name endings (lower case) it opens.
+        open: ``open(path) -> ParticleSet``.
+        output_suffixes: the files a subset is written as, in the order :func:`write_particles` returns them.
+        write: ``write(particles, keep, files, extra_columns, images, stack_name)``: writes the subset ``keep``
+            to ``files`` (by suffix); see :func:`write_subset`.
+        writes_images: whether a subset carries its own images (False: it points at the original stacks).
+    """
+
+    kind: str
+    suffixes: tuple[str, ...]
+    open: Callable[[Path], ParticleSet]
+    output_suffixes: tuple[str, ...]
+    write: Callable
+    writes_images: bool = True
+
+
+#: The particle formats, by kind. Adding a format is one entry (its opener and its writer).
+FORMATS: dict[str, ParticleFormat] = {particle_format.kind: particle_format for particle_format in (
+    ParticleFormat("stack", (".mrcs", ".mrc"), _open_stack, (".mrcs", ".star"), _write_star_subset),
+    ParticleFormat("star", (".star",), _open_star, (".mrcs", ".star"), _write_star_subset),
+    ParticleFormat("cs", (".cs",), _open_cs, (".cs",), _write_cs_subset, writes_images=False),
+)}
+#: Every file name ending that :func:`open_particles` opens.
+PARTICLE_SUFFIXES: tuple[str, ...] = tuple(suffix for each in FORMATS.values() for suffix in each.suffixes)

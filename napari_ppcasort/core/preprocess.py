@@ -24,12 +24,15 @@ class BadImageError(ValueError):
         position: index of the offending image: its position in the batch passed in, or (label
             "particle") its particle index.
         reason: what is wrong with it, without the position.
+        constant_background: the problem is a background without variation (so it cannot be normalised),
+            as in noise-free simulations.
     """
 
-    def __init__(self, position: int, reason: str, label: str = "image"):
+    def __init__(self, position: int, reason: str, label: str = "image", constant_background: bool = False):
         super().__init__(f"{label} {position}: {reason}")
         self.position = position
         self.reason = reason
+        self.constant_background = constant_background
 
 
 def default_radius(box_size: int) -> float:
@@ -127,7 +130,7 @@ def normalize_background(images, radius: float) -> np.ndarray:
         position = int(np.argmin(usable))
         problem = "is constant" if std[position] == 0 else "contains NaN or infinite pixels"
         raise BadImageError(position, f"its background (pixels beyond {radius:g} px of the centre) {problem}, "
-                                      "so it cannot be normalised")
+                                      "so it cannot be normalised", constant_background=bool(std[position] == 0))
     scale = (1.0 / std).astype(np.float32)[:, None, None]
     return (images - mean.astype(np.float32)[:, None, None]) * scale
 

@@ -9,8 +9,6 @@ Matplotlib's Agg canvas only (no pyplot, no GUI backend), so it runs headless an
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,8 @@ from matplotlib.ticker import NullFormatter
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .pipeline import score_label
+from .models import score_label
+from .outputs import atomic_write
 from .sorting import SortRound
 
 __all__ = ["report_figure", "write_report", "pruning_iterations", "score_bin_edges", "MAX_SUBSPACES_SHOWN"]
@@ -97,17 +96,8 @@ def report_figure(result: SortRound, kept_mask: np.ndarray, means: np.ndarray, c
 def write_report(path, result: SortRound, kept_mask: np.ndarray, means: np.ndarray, components: np.ndarray, *,
                  title: str = "", settings=None) -> Path:
     """Render :func:`report_figure` to the PNG ``path`` (through a temporary file renamed into place)."""
-    path = Path(path)
     figure = report_figure(result, kept_mask, means, components, title=title, settings=settings)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=REPORT_DPI)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=REPORT_DPI), binary=True)
 
 
 def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray, label: str) -> None:

@@ -32,6 +32,8 @@ import scipy.fft
 import starfile
 from scipy.spatial.transform import Rotation
 
+from .outputs import atomic_files, write_mrc_stack
+
 # One label table for both simulators. ``simulate_particles`` (Table-1 protocol) uses PARTICLE, OUTLIER
 # and NOISE; the micrograph simulator (core.micrograph) uses PARTICLE and the five picking-junk classes,
 # whose geometric rules are in ``core.micrograph.classify_pick``. PARTICLE always means a good particle.
@@ -836,39 +838,20 @@ def write_simulated(stack, out_dir, name: str = "simulated", overwrite: bool = F
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)}: already exist(s); pass overwrite=True to replace")
-    temporary = {key: path.with_name(f".{path.name}.{os.getpid()}.tmp") for key, path in paths.items()}
-    try:
-        _write_stack_mrcs(stack, temporary["stack"])
-        starfile.write(stack.star_blocks(paths["stack"].name), temporary["star"])
-        _labels_table(stack.labels).to_csv(temporary["labels"], index=False)
-        for key, path in paths.items():
-            os.replace(temporary[key], path)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
+    with atomic_files(*paths.values()) as (stack_path, star_path, labels_path):
+        _write_stack_mrcs(stack, stack_path)
+        starfile.write(stack.star_blocks(paths["stack"].name), star_path)
+        _labels_table(stack.labels).to_csv(labels_path, index=False)
     return paths
 
 
 def _write_stack_mrcs(stack, path: Path) -> None:
-    """Copy the images into a new memory-mapped MRC stack block by block, header statistics included
-    (mrcfile's update_header_stats would make full-size temporaries)."""
+    """Write the images as an MRC stack, block by block with header statistics (see write_mrc_stack)."""
     images = stack.images
     block = 4096
-    minimum, maximum, total, total_squares = np.inf, -np.inf, 0.0, 0.0
-    with mrcfile.new_mmap(path, shape=images.shape, mrc_mode=2, overwrite=True) as mrc:
-        mrc.set_image_stack()
-        mrc.voxel_size = stack.pixel_size
-        for start in range(0, len(images), block):
-            part = images[start : start + block]
-            mrc.data[start : start + block] = part
-            minimum = min(minimum, float(part.min()))
-            maximum = max(maximum, float(part.max()))
-            total += float(part.sum(dtype=np.float64))
-            total_squares += float(np.einsum("nij,nij->", part, part, dtype=np.float64))
-        if images.size:
-            mean = total / images.size
-            mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = minimum, maximum, mean
-            mrc.header.rms = np.sqrt(max(total_squares / images.size - mean**2, 0.0))
+    write_mrc_stack(path, images.shape[0], images.shape[1], (images[start:start + block]
+                                                             for start in range(0, len(images), block)),
+                    voxel_size=stack.pixel_size)
 
 
 def optics_block(pixel_size: float, image_size: int) -> pd.DataFrame:

@@ -1,0 +1,112 @@
+"""``ppcasort simulate -o OUTDIR``: write a simulated particle stack with known junk (labels included)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..core.outputs import OutputSet
+from ..core.simulate import LABEL_NAMES, load_volume, simulate_particles, write_simulated
+from ..core.errors import literal
+from ._common import UsageError, add_output_options
+
+NAME = "simulate"
+#: The demo's simulated stack (also the defaults of ``ppcasort simulate``): 20 % junk, 32 px, SNR 0.3.
+DEMO_STACK = {"n_particles": 2400, "n_outliers": 300, "n_noise": 300, "box_size": 32, "snr": 0.3, "random_state": 0}
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        NAME, help="write a simulated particle stack with known junk (labels included)",
+        description="Write NAME.mrcs, NAME.star (true labels in the ppcasortTrueLabel column: 0 particle, "
+                    "1 outlier, 2 noise) and NAME_labels.csv in OUTDIR, all three or none.")
+    add_output_options(parser, "the stack", force_help="replace an earlier stack of the same NAME in OUTDIR")
+    add_simulation_options(parser)
+    parser.set_defaults(run=run)
+
+
+def add_simulation_options(parser: argparse.ArgumentParser) -> None:
+    engine = inspect.signature(simulate_particles).parameters
+    stack = parser.add_argument_group("simulated stack")
+    stack.add_argument("--n-particles", type=int, metavar="N", default=DEMO_STACK["n_particles"],
+                       help="projections of the volume [default: %(default)s]")
+    stack.add_argument("--n-outliers", type=int, metavar="N", default=DEMO_STACK["n_outliers"],
+                       help="outliers: crops of a photograph, energy-matched to the particles [default: %(default)s]")
+    stack.add_argument("--n-noise", type=int, metavar="N", default=DEMO_STACK["n_noise"],
+                       help="pure-noise images [default: %(default)s]")
+    stack.add_argument("--snr", type=float, metavar="SNR", default=DEMO_STACK["snr"],
+                       help="signal-to-noise ratio: mean particle power / noise variance (inf: no noise) "
+                            "[default: %(default)s]")
+    stack.add_argument("--box", type=int, metavar="PX", default=DEMO_STACK["box_size"],
+                       help="image side in pixels; a --volume is resampled to it [default: %(default)s]")
+    stack.add_argument("--volume", type=Path, metavar="MRC",
+                       help="3-D density map (cubic MRC) to project [default: the built-in asymmetric phantom]")
+    stack.add_argument("--max-shift", type=float, metavar="PX", default=engine["max_shift"].default,
+                       help="particles are shifted by up to this many pixels in x and y [default: %(default)s]")
+    stack.add_argument("--defocus", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="apply a CTF with a defocus drawn in [LOW, HIGH] micrometres [default: no CTF]")
+    stack.add_argument("--pixel-size", type=float, metavar="ANGSTROM", default=engine["pixel_size"].default,
+                       help="pixel size in angstrom [default: %(default)s]")
+    stack.add_argument("--seed", type=int, metavar="SEED", default=DEMO_STACK["random_state"],
+                       help="seed of every random choice [default: %(default)s]")
+    stack.add_argument("--name", metavar="NAME", default=inspect.signature(write_simulated).parameters["name"].default,
+                       help="base name of the files: NAME.mrcs, NAME.star, NAME_labels.csv [default: %(default)s]")
+
+
+def simulated_names(name: str) -> list[str]:
+    """The files write_simulated writes for ``name``, in its order (stack, STAR, labels)."""
+    return [f"{name}.mrcs", f"{name}.star", f"{name}_labels.csv"]
+
+
+def present(names: list[str]):
+    """An OutputSet ``previous`` that finds those of ``names`` that are in the folder."""
+    return lambda folder: [name for name in names if os.path.lexists(Path(folder) / name)]
+
+
+def stage_simulated(output: OutputSet, stack, name: str) -> dict[str, Path]:
+    """Write a simulated stack into an output set's staging folder; returns the staged paths by kind."""
+    for each in simulated_names(name):
+        output.path(each)
+    try:
+        return write_simulated(stack, output.staging, name=name)
+    except OSError as error:
+        raise output.write_error(error) from error
+
+
+def simulate(args: argparse.Namespace):
+    """The stack the options describe (UsageError for options the engine refuses)."""
+    try:
+        volume = None if args.volume is None else load_volume(args.volume, size=args.box)
+        return simulate_particles(
+            n_particles=args.n_particles, n_outliers=args.n_outliers, n_noise=args.n_noise, box_size=args.box,
+            volume=volume, snr=args.snr, max_shift=args.max_shift,
+            defocus_um=None if args.defocus is None else tuple(args.defocus), pixel_size=args.pixel_size,
+            random_state=args.seed)
+    except (FileNotFoundError, IsADirectoryError):
+        raise UsageError(f"{literal(args.volume)}: no such volume file") from None
+    except ValueError as error:
+        if isinstance(error, np.linalg.LinAlgError):
+            raise
+        raise UsageError(literal(error)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    names = simulated_names(args.name)
+    if Path(args.name).name != args.name or not args.name:
+        raise UsageError(f"--name must be a plain file name without folders, got {literal(repr(args.name))}")
+    n_images = max(args.n_particles + args.n_outliers + args.n_noise, 0)
+    with OutputSet(args.output, previous=present(names), planned=names, force=args.force, inputs=[args.volume],
+                   needed_bytes=n_images * (4 * max(args.box, 1) ** 2 + 200), what=f"a simulated stack named "
+                   f"{literal(repr(args.name))}") as output:
+        stack = simulate(args)
+        stage_simulated(output, stack, args.name)
+        output.commit()
+    paths = {kind: output.final_path(name) for kind, name in zip(("stack", "star", "labels"), names)}
+    counts = ", ".join(f"{np.count_nonzero(stack.labels == code)} {LABEL_NAMES[code]}" for code in np.unique(stack.labels))
+    print(f"wrote {stack.images.shape[0]} images of {args.box} px ({counts}; noise variance "
+          f"{stack.noise_variance:.4g}) to {paths['star']}, {paths['stack'].name} and {paths['labels'].name}")
+    return 0

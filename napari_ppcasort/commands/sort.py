@@ -1,0 +1,53 @@
+"""``ppcasort sort INPUT -o OUTDIR``: sort a particle set and write its results as one output set."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..core.particles import PARTICLE_SUFFIXES, open_particles
+from ..core.results import open_results_folder, write_results
+from ..core.run import check_sort
+from ..core.settings import SortSettings
+from ._common import (Progress, add_output_options, add_settings_options, file_names, rounds_text, settings_from_args,
+                      sort_with_progress)
+
+NAME = "sort"
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        NAME, help=f"sort a particle set ({', '.join(PARTICLE_SUFFIXES)}) and write the kept and rejected sets",
+        description="Sort a particle set and write kept.star/.mrcs (or kept.cs), rejected.star/.mrcs (or "
+                    "rejected.cs), scores.csv, report.png and parameters.json in OUTDIR, all or nothing: a "
+                    "failed or interrupted run leaves OUTDIR as it was.")
+    parser.add_argument("input", type=Path, metavar="INPUT", help="particle file: .mrcs/.mrc stack, RELION .star or "
+                        "cryoSPARC .cs")
+    add_output_options(parser, "the results")
+    add_verbose_option(parser)
+    add_settings_options(parser, SortSettings())
+    parser.set_defaults(run=run)
+
+
+def add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="a line per pruning round on stderr even when it is not a terminal")
+
+
+def progress_for(args: argparse.Namespace) -> Progress:
+    return Progress(sys.stderr, live=sys.stderr.isatty(), verbose=args.verbose)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, SortSettings())
+    with open_particles(args.input) as particles:
+        check_sort(particles, settings)
+        with open_results_folder(args.output, particles, force=args.force, inputs=[args.settings]) as output:
+            with progress_for(args) as progress:
+                result = sort_with_progress(particles, settings, progress)
+            written = write_results(output, result, title=str(args.input))
+            output.commit()
+    print(f"kept {result.n_kept} of {result.final.n_total} particles ({result.n_kept / result.final.n_total:.1%}) "
+          f"after {rounds_text(result.final.round)}; wrote {file_names(written)} to {args.output}")
+    return 0

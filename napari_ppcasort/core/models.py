@@ -1,0 +1,68 @@
+"""The models a sort can use, each with its junk score: one entry of :data:`MODELS` per model.
+
+An entry says how to build the (unfitted) mixture and its scorer from the settings and the basis, what
+its score is called, which bases it works in and which model-specific settings it reads. Adding a model
+(or another score for an existing model) is one more :class:`ModelSpec` in :data:`MODELS`; the settings,
+the command line's ``--model`` choices, the widget and the reports follow from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .mppca import MixturePPCA
+from .sorting import SortingFactorScore
+from .steerable import MeanEvidenceScore, SteerableMixturePPCA
+
+__all__ = ["ModelSpec", "MODELS", "score_label"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of :data:`MODELS`.
+
+    Attributes:
+        name: the value of the ``model`` setting.
+        summary: one line for the help of the ``model`` setting.
+        build: ``build(settings, basis) -> (model, scorer)``: the unfitted mixture (initialised by the sort)
+            and the junk score ``scorer(model, data (N, L)) -> (N,)``, larger = more junk-like.
+        score_label: what the score is, for axis labels and reports.
+        steerable_basis: True if the model needs a steerable basis (one whose ``BASES`` entry is steerable).
+        settings: the model-specific settings (declared with ``model_specific=True``) that it reads; the
+            others must stay at their defaults with this model.
+    """
+
+    name: str
+    summary: str
+    build: Callable
+    score_label: str
+    steerable_basis: bool = False
+    settings: tuple[str, ...] = ()
+
+
+def _paper(settings, basis):
+    model = MixturePPCA(settings.n_subspaces, settings.subspace_dimension, noise=settings.noise,
+                        random_state=settings.random_state)
+    return model, SortingFactorScore(settings.combine, settings.center)
+
+
+def _steerable(settings, basis):
+    model = SteerableMixturePPCA(basis.angular_frequencies, basis.is_sine, basis.radial_indices,
+                                 settings.n_subspaces, settings.subspace_dimension, noise=settings.noise,
+                                 random_state=settings.random_state)
+    return model, MeanEvidenceScore()
+
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("steerable", "subspaces closed under in-plane rotation, scored by minus the evidence (SD) that an image "
+              "carries its class's and the population's rotational average (the default)",
+              _steerable, "junk score (minus mean evidence, SD)", steerable_basis=True),
+    ModelSpec("paper", "the paper's mixture of PPCA scored by its sorting factor (with combine and center)",
+              _paper, "junk score (sorting factor)", settings=("combine", "center")),
+)}
+
+
+def score_label(settings) -> str:
+    """What the junk score of a sort with ``settings`` is, for axis labels and reports."""
+    return MODELS[settings.model].score_label

@@ -1,0 +1,220 @@
+"""The results of a sort as files: kept and rejected sets, scores.csv, report.png and parameters.json.
+
+They are written as one output set (:class:`~napari_ppcasort.core.outputs.OutputSet`): all of them appear
+together or none does. ``parameters.json`` is written last and is the set's manifest: its "files" entry
+lists every file of the set, so that a later ``--force`` run removes exactly them (no stale ``kept.star``
+beside a new ``kept.cs``).
+
+Per-particle outputs are the entries of :data:`COLUMNS`: each is a column of ``scores.csv`` and, when it has
+a STAR label, of the kept and rejected STAR files. Adding one (e.g. a junk probability) is one entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .outputs import OutputSet
+from .particles import FORMATS, _image_path_name, input_files, subset_paths, write_subset
+
+__all__ = [
+    "Column",
+    "COLUMNS",
+    "KEPT",
+    "REJECTED",
+    "SCORES_NAME",
+    "PARAMETERS_NAME",
+    "REPORT_NAME",
+    "existing_results",
+    "result_names",
+    "estimated_bytes",
+    "open_results_folder",
+    "write_results",
+]
+
+KEPT, REJECTED = "kept", "rejected"
+SCORES_NAME = "scores.csv"
+PARAMETERS_NAME = "parameters.json"
+REPORT_NAME = "report.png"
+#: Components of each subspace shown in the report.
+N_COMPONENTS_SHOWN = 4
+
+
+@dataclass(frozen=True)
+class Column:
+    """A per-particle output of a sort.
+
+    Attributes:
+        name: its column in scores.csv.
+        values: ``values(final, kept_mask) -> (N,)``, from the last SortRound and the (N,) bool kept mask.
+        text: how one value is written in scores.csv.
+        star_label: its column in the kept and rejected STAR files (None: scores.csv only).
+    """
+
+    name: str
+    values: Callable
+    text: Callable[[object], str]
+    star_label: str | None = None
+
+
+#: The per-particle outputs, in the order of their columns (after ``index`` and ``image_name``).
+COLUMNS: tuple[Column, ...] = (
+    Column("score", lambda final, kept: final.final_scores, lambda value: repr(float(value)), "ppcasortScore"),
+    Column("removal_round", lambda final, kept: final.removal_round, lambda value: str(int(value)), "ppcasortRound"),
+    Column("kept", lambda final, kept: kept, lambda value: str(int(value))),
+)
+
+
+def known_result_names() -> list[str]:
+    """Every file name a sort of any format writes."""
+    suffixes = sorted({suffix for each in FORMATS.values() for suffix in each.output_suffixes})
+    return [f"{name}{suffix}" for name in (KEPT, REJECTED) for suffix in suffixes] + \
+        [SCORES_NAME, REPORT_NAME, PARAMETERS_NAME]
+
+
+def result_names(particles) -> list[str]:
+    """Every file name a sort of ``particles`` may write."""
+    return [path.name for name in (KEPT, REJECTED) for path in subset_paths(particles, ".", name).values()] + \
+        [SCORES_NAME, REPORT_NAME, PARAMETERS_NAME]
+
+
+def existing_results(folder) -> list[str]:
+    """The names of the files of the results already in ``folder``: those its manifest lists, and every file
+    named as a sort's output (results of older versions have no manifest)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = {name for name in known_result_names() if (folder / name).is_file() or (folder / name).is_symlink()}
+    try:
+        listed = json.loads((folder / PARAMETERS_NAME).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    if isinstance(listed, list):
+        names |= {name for name in listed if isinstance(name, str) and Path(name).name == name
+                  and not name.startswith(".") and ((folder / name).is_file() or (folder / name).is_symlink())}
+    return sorted(names)
+
+
+def estimated_bytes(particles) -> int:
+    """About how many bytes the results of a sort of ``particles`` take (for the free-space check)."""
+    n = particles.n_particles
+    if FORMATS[particles.kind].writes_images:
+        subsets = n * particles.box_size**2 * 4 + 2 * 1024
+        try:
+            metadata = Path(particles.path).stat().st_size if particles.kind == "star" else 0
+        except OSError:
+            metadata = 0
+        subsets += int(1.5 * metadata) + 120 * n  # STAR text: the input's rows plus the new columns
+    else:
+        subsets = particles.records.nbytes + 2 * 256
+    scores = 80 * n + sum(len(str(name)) for name in _image_names(particles) or ())
+    report = 3 * 2**20
+    return int(subsets + scores + report)
+
+
+def open_results_folder(folder, particles, *, force: bool = False, inputs=()) -> OutputSet:
+    """The OutputSet for the results of a sort of ``particles`` in ``folder`` (enter it to lock and check):
+    the previous results are refused unless ``force``, and neither they nor the new files may be an input
+    (the particle files, or the extra ``inputs`` such as a settings file)."""
+    return OutputSet(folder, previous=existing_results, planned=result_names(particles), force=force,
+                     inputs=[*input_files(particles), *inputs], needed_bytes=estimated_bytes(particles),
+                     what="results")
+
+
+def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = True, title: str | None = None,
+                  n_components_shown: int = N_COMPONENTS_SHOWN, input_path=None) -> dict[str, list[Path]]:
+    """Stage every file of the results of ``result`` (a SortResult) in ``output``, the manifest last.
+
+    kept_mask : (N,) bool, the particles to keep (default: the sort's own selection).
+    input_path : the input as parameters.json records it (default: the particle set's path).
+    Returns where the files will be once ``output`` is committed: {"kept": [...], "rejected": [...],
+    "scores": [path], "report": [path], "parameters": [path]} (an empty set has an empty list).
+    """
+    written: dict[str, list[Path]] = {KEPT: [], REJECTED: [], "scores": [], "parameters": [], "report": []}
+    particles, final = result.particles, result.final
+    kept_mask = result.kept_mask if kept_mask is None else np.asarray(kept_mask, dtype=bool)
+    if kept_mask.shape != (final.n_total,):
+        raise ValueError(f"kept_mask must have one entry per particle ({final.n_total}), got shape {kept_mask.shape}")
+    extra = {column.star_label: np.asarray(column.values(final, kept_mask)) for column in COLUMNS if column.star_label}
+    for name, mask in ((KEPT, kept_mask), (REJECTED, ~kept_mask)):
+        if not mask.any():
+            continue
+        finals = subset_paths(particles, output.folder, name)
+        staged = {suffix: output.path(path.name) for suffix, path in finals.items()}
+        _staged_write(output, lambda: write_subset(particles, np.flatnonzero(mask), staged, extra_columns=extra,
+                                                   stack_name=_stack_name(finals)))
+        written[name] = list(finals.values())
+    _staged_write(output, lambda: _write_scores(output.path(SCORES_NAME), final, kept_mask, _image_names(particles)))
+    written["scores"] = [output.final_path(SCORES_NAME)]
+    if report and kept_mask.any():
+        figure = result.report(kept_mask=kept_mask, title=title, n_components_shown=n_components_shown)
+        path = output.path(REPORT_NAME)
+        _staged_write(output, lambda: _save_png(figure, path))
+        written["report"] = [output.final_path(REPORT_NAME)]
+    parameters = {
+        "input": _input_text(particles, input_path),
+        "n_particles": int(final.n_total),
+        "n_kept": int(kept_mask.sum()),
+        "settings": result.settings.to_dict(),
+        "rounds": int(final.round),
+        "em_iterations": int(final.n_iterations),
+        "final_log_likelihood": float(final.log_likelihood[-1]) if final.log_likelihood.size else None,
+        "files": [*output.names, PARAMETERS_NAME],
+    }
+    path = output.path(PARAMETERS_NAME)
+    _staged_write(output, lambda: _write_json(path, parameters))
+    written["parameters"] = [output.final_path(PARAMETERS_NAME)]
+    return written
+
+
+def _input_text(particles, input_path) -> str | None:
+    if input_path is not None:
+        return str(Path(input_path).resolve())
+    if not input_files(particles):  # an array: no file
+        return None
+    return str(Path(particles.path).resolve())
+
+
+def _staged_write(output: OutputSet, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except OSError as error:
+        raise output.write_error(error) from error
+
+
+def _stack_name(finals: dict[str, Path]) -> str | None:
+    return _image_path_name(finals[".mrcs"], None) if ".mrcs" in finals else None
+
+
+def _image_names(particles) -> list[str] | None:
+    table = getattr(particles, "table", None)
+    if table is not None and "rlnImageName" in table.columns:
+        return [str(v) for v in table["rlnImageName"]]
+    return None
+
+
+def _write_scores(path: Path, final, kept_mask: np.ndarray, names: list[str] | None) -> None:
+    values = [np.asarray(column.values(final, kept_mask)) for column in COLUMNS]
+    with open(path, "x", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "image_name", *(column.name for column in COLUMNS)])
+        for i in range(final.n_total):
+            writer.writerow([i, names[i] if names else "",
+                             *(column.text(column_values[i]) for column, column_values in zip(COLUMNS, values))])
+
+
+def _save_png(figure, path: Path) -> None:
+    from .report import REPORT_DPI
+
+    with open(path, "xb") as stream:
+        figure.savefig(stream, format="png", dpi=REPORT_DPI)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    with open(path, "x", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2)
