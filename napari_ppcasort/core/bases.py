@@ -632,7 +632,7 @@ def expansion_steps(particles, basis: Basis, preprocessor: Preprocessor, indices
         # rows of the output for these particles, whatever order the particle set yields them in
         rows = order[np.searchsorted(sorted_indices, chunk_indices)]
         try:
-            prepared = preprocessor(images)
+            prepared = preprocessor(images, chunk_indices)
         except BadImageError as error:
             raise BadImageError(int(chunk_indices[error.position]), error.reason, label="particle",
                                 constant_background=error.constant_background) from error
@@ -674,7 +674,7 @@ def _pca_for(particles, preprocessor: Preprocessor, settings) -> PCABasis:
     rng = np.random.default_rng(settings.random_state)
     n_sample = min(particles.n_particles, basis.sample_size)
     sample = np.sort(rng.choice(particles.n_particles, size=n_sample, replace=False))
-    return basis.fit(preprocessor(images) for _, images in particles.iter_chunks(sample))
+    return basis.fit(preprocessor(images, indices) for indices, images in particles.iter_chunks(sample))
 
 
 #: The bases a sort can use, by the value of the ``basis`` setting. Adding one is one entry.

@@ -11,11 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
+from .contamination import ContaminationMixture, JunkLogOdds
 from .mppca import MixturePPCA
 from .sorting import SortingFactorScore
 from .steerable import MeanEvidenceScore, SteerableMixturePPCA
 
-__all__ = ["ModelSpec", "MODELS", "score_label"]
+__all__ = ["ModelSpec", "MODELS", "score_label", "PRUNE_PROBABILITY"]
+
+#: Junk probability above which the contamination model's rounds prune an image while the model learns; the
+#: final cut is at 1/2.
+PRUNE_PROBABILITY = 0.99
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,11 @@ class ModelSpec:
         steerable_basis: True if the model needs a steerable basis (one whose ``BASES`` entry is steerable).
         settings: the model-specific settings (declared with ``model_specific=True``) that it reads; the
             others must stay at their defaults with this model.
+        score_cut: for a score that is the log-odds of junk, the score above which the automatic mode prunes
+            while the model learns (``OnlineSorter.score_cut``); None for a score without a probability (the
+            automatic mode then removes robust outliers of each round's scores, see ``outlier_threshold``).
+        final_cut: the score of the final decision once pruning finds nothing (``OnlineSorter.final_cut``): 0,
+            a junk probability of 1/2, for the log-odds.
     """
 
     name: str
@@ -39,6 +51,8 @@ class ModelSpec:
     score_label: str
     steerable_basis: bool = False
     settings: tuple[str, ...] = ()
+    score_cut: float | None = None
+    final_cut: float | None = None
 
 
 def _paper(settings, basis):
@@ -54,9 +68,19 @@ def _steerable(settings, basis):
     return model, MeanEvidenceScore()
 
 
+def _contamination(settings, basis):
+    model = ContaminationMixture(basis, settings.n_subspaces, settings.subspace_dimension, noise=settings.noise,
+                                 random_state=settings.random_state)
+    return model, JunkLogOdds()
+
+
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("contamination", "rotation-closed particle subspaces plus explicit junk components (empty boxes, "
+              "unstructured contamination, particle-like outliers), scored by the log-odds of junk (the default)",
+              _contamination, "junk log-odds (larger = more junk-like; 0: probability 1/2)", steerable_basis=True,
+              score_cut=float(np.log(PRUNE_PROBABILITY / (1 - PRUNE_PROBABILITY))), final_cut=0.0),
     ModelSpec("steerable", "subspaces closed under in-plane rotation, scored by minus the evidence (SD) that an image "
-              "carries its class's and the population's rotational average (the default)",
+              "carries its class's and the population's rotational average",
               _steerable, "junk score (minus mean evidence, SD)", steerable_basis=True),
     ModelSpec("paper", "the paper's mixture of PPCA scored by its sorting factor (with combine and center)",
               _paper, "junk score (sorting factor)", settings=("combine", "center")),

@@ -11,17 +11,19 @@ widget and the Python API); they are public for benchmarks and tests that need o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
 from .bases import BASES, expansion_steps
+from .ctf import ctf_parameters
 from .errors import SettingsError
 from .mixture import MixtureParameters
 from .models import MODELS
-from .preprocess import Preprocessor
+from .noise import estimate_noise_spectrum, estimate_particle_radius
+from .preprocess import Preprocessor, default_radius
 from .settings import SortSettings
 from .sorting import OnlineSorter
 
@@ -50,8 +52,18 @@ class PreparedCoefficients:
     preprocessor: Preprocessor
 
 
+#: Added to the estimated particle radius for the mask, as a fraction of the box: the CTF spreads a particle's edge
+#: over a few pixels, and a ring of background inside the mask is what tells a centred particle from contamination
+#: that fills the box (measured best between 0.07 and 0.15 of the box on the contamination benchmark's tuning seeds).
+RADIUS_MARGIN = 0.1
+#: Images read to estimate the noise spectrum and the particle's radius (a random sample, in file order).
+NOISE_SAMPLE_SIZE = 2000
+
+
 def make_preprocessor(particles, settings: SortSettings) -> Preprocessor:
-    """The preprocessing of ``particles`` that ``settings`` ask for (crop only boxes larger than box_size).
+    """The preprocessing of ``particles`` that ``settings`` ask for, before anything is estimated from the images:
+    crop (only boxes larger than box_size), normalisation, and the CTF of each particle when phase flipping is
+    asked for and the particle file has it. See :func:`fit_preprocessor` for the rest.
 
     SettingsError if the mask radius does not fit the (cropped) box.
     """
@@ -62,14 +74,48 @@ def make_preprocessor(particles, settings: SortSettings) -> Preprocessor:
         raise SettingsError(f"{{mask_radius}} {settings.mask_radius:g} px does not fit the {output_box} px images "
                             f"being sorted: it must be at most {largest:g} px (the circle must leave background in "
                             "the corners)")
+    ctf = ctf_parameters(particles) if settings.ctf_correction == "flip" else None
     return Preprocessor(box_size=particles.box_size, target_box=settings.box_size if crop else None,
-                        mask_radius=settings.mask_radius, normalize=settings.normalize)
+                        mask_radius=settings.mask_radius, normalize=settings.normalize, ctf=ctf)
+
+
+def fit_preprocessor(preprocessor: Preprocessor, particles, settings: SortSettings) -> Preprocessor:
+    """The preprocessor with what is estimated from a random sample of the images (at most NOISE_SAMPLE_SIZE):
+    the noise power spectrum to whiten with (``settings.whiten``), and the particle's radius as the mask radius
+    when ``settings.mask_radius`` is None (see :mod:`napari_ppcasort.core.noise`)."""
+    if not settings.whiten and settings.mask_radius is not None:
+        return preprocessor
+    rng = np.random.default_rng(settings.random_state)
+    sample = np.sort(rng.choice(particles.n_particles, size=min(particles.n_particles, NOISE_SAMPLE_SIZE),
+                                replace=False))
+    indices, images = zip(*particles.iter_chunks(sample))
+    indices, images = np.concatenate(indices), np.concatenate([preprocessor.normalized(chunk) for chunk in images])
+    spectrum = estimate_noise_spectrum(images)
+    whitened = replace(preprocessor, normalize=False, target_box=None, box_size=preprocessor.output_box,
+                       noise_spectrum=spectrum, noise_normalize=True, ctf=_cropped_ctf(preprocessor))(images, indices)
+    if settings.mask_radius is None:
+        radius = estimate_particle_radius(whitened, largest=default_radius(preprocessor.output_box))
+        preprocessor = replace(preprocessor, mask_radius=min(radius + RADIUS_MARGIN * preprocessor.output_box,
+                                                                   default_radius(preprocessor.output_box)))
+    # the noise again, from the background outside the particle only
+    spectrum = estimate_noise_spectrum(images, background_radius=preprocessor.radius)
+    if settings.whiten:
+        preprocessor = replace(preprocessor, noise_spectrum=spectrum, noise_normalize=True)
+    return preprocessor
+
+
+def _cropped_ctf(preprocessor: Preprocessor):
+    """The preprocessor's CTF for images already cropped to its output box (the pixel size of the crop)."""
+    if preprocessor.ctf is None:
+        return None
+    return replace(preprocessor.ctf, pixel_size=preprocessor.output_pixel_size)
 
 
 def coefficient_steps(particles, settings: SortSettings):
-    """:func:`prepare_coefficients` as a generator: builds the basis, then yields (done, total) images after
-    each chunk of the expansion, and returns the PreparedCoefficients."""
-    preprocessor = make_preprocessor(particles, settings)
+    """:func:`prepare_coefficients` as a generator: estimates the noise and the particle's radius, builds the
+    basis, then yields (done, total) images after each chunk of the expansion, and returns the
+    PreparedCoefficients."""
+    preprocessor = fit_preprocessor(make_preprocessor(particles, settings), particles, settings)
     basis = BASES[settings.basis].build(particles, preprocessor, settings)
     if basis.n_coefficients <= settings.total_dimension:
         raise SettingsError(
@@ -110,6 +156,11 @@ def make_sorter(settings: SortSettings, basis) -> OnlineSorter:
 
 
 def _online_sorter(settings: SortSettings, model, scorer) -> OnlineSorter:
+    """The sorter of ``settings``: with stop 'junk-left', the model's probability cut if its score has one, else
+    the robust outlier rule; with 'schedule', no rule (alpha of the rest every round)."""
+    spec = MODELS[settings.model]
+    score_cut = spec.score_cut if settings.stop == "junk-left" else None
+    outlier_threshold = settings.outlier_threshold if settings.stop == "junk-left" and score_cut is None else None
     return OnlineSorter(
         model,
         alpha=settings.alpha,
@@ -117,7 +168,9 @@ def _online_sorter(settings: SortSettings, model, scorer) -> OnlineSorter:
         n_rounds=settings.n_rounds,
         target_kept_fraction=settings.target_kept_fraction,
         scorer=scorer,
-        outlier_threshold=settings.outlier_threshold,
+        outlier_threshold=outlier_threshold,
+        score_cut=score_cut,
+        final_cut=spec.final_cut if score_cut is not None else None,
     )
 
 

@@ -171,20 +171,29 @@ def fourier_crop(images, new_box: int) -> np.ndarray:
 class Preprocessor:
     """The preprocessing applied to every particle image before expansion in a basis.
 
-    Order: check that every pixel is finite, Fourier-crop to ``target_box`` (if set), then normalise
-    on the background outside ``radius`` (if ``normalize``).
+    Order: check that every pixel is finite, Fourier-crop to ``target_box`` (if set), normalise on the
+    background outside ``radius`` (if ``normalize``), whiten with ``noise_spectrum`` (if set), flip the phases
+    where each particle's CTF is negative (if ``ctf`` is set), and divide each whitened image by its own
+    noise level (if ``noise_normalize``; see :mod:`napari_ppcasort.core.noise`).
 
     Attributes:
         box_size: side length (px) of the input images.
         target_box: Fourier-crop to this side length first; None keeps the input box.
         mask_radius: particle radius in pixels of the OUTPUT box; None uses ``output_box // 2 - 1``.
         normalize: normalise each image to background mean 0 and standard deviation 1.
+        noise_spectrum: the noise power spectrum of the (cropped, normalised) images to whiten with, or None.
+        ctf: the CTF of every particle (:class:`~napari_ppcasort.core.ctf.CTFParameters`) to phase-flip with,
+            or None; calls must then pass the particles' indices.
+        noise_normalize: divide each whitened image by its noise level (needs ``noise_spectrum``).
     """
 
     box_size: int
     target_box: int | None = None
     mask_radius: float | None = None
     normalize: bool = True
+    noise_spectrum: object | None = None
+    ctf: object | None = None
+    noise_normalize: bool = False
 
     def __post_init__(self):
         if self.box_size < 3:
@@ -193,6 +202,10 @@ class Preprocessor:
             raise ValueError(f"target box {self.target_box} px must be between 3 and the input box "
                              f"{self.box_size} px")
         check_radius(self.output_box, self.radius)
+        if self.noise_spectrum is not None and self.noise_spectrum.box != self.output_box:
+            raise ValueError(f"the noise spectrum is for {self.noise_spectrum.box} px images, not {self.output_box} px")
+        if self.noise_normalize and self.noise_spectrum is None:
+            raise ValueError("noise normalisation needs a noise spectrum to whiten with")
 
     @property
     def output_box(self) -> int:
@@ -204,23 +217,54 @@ class Preprocessor:
         """Particle radius in pixels of the output box."""
         return default_radius(self.output_box) if self.mask_radius is None else float(self.mask_radius)
 
-    def __call__(self, images) -> np.ndarray:
-        """Preprocess a batch.
+    @property
+    def output_pixel_size(self) -> float | None:
+        """Angstrom per pixel of the preprocessed images (None without a CTF, which carries the pixel size)."""
+        if self.ctf is None:
+            return None
+        return self.ctf.pixel_size * self.box_size / self.output_box
 
-        Args:
-            images: (n, box_size, box_size) images.
-
-        Returns:
-            (n, output_box, output_box) float32 images.
-
-        Raises:
-            ValueError: wrong shape.
-            BadImageError: an image with NaN/infinite pixels or a constant background.
-        """
+    def normalized(self, images) -> np.ndarray:
+        """The first steps only: finite check, Fourier crop and background normalisation, (n, output_box,
+        output_box) float32 (what a noise spectrum is estimated from)."""
         images = as_image_stack(images, self.box_size)
         _check_finite(images)
         if self.output_box != self.box_size:
             images = fourier_crop(images, self.output_box)
         if self.normalize:
             images = normalize_background(images, self.radius)
+        return images
+
+    def __call__(self, images, indices=None) -> np.ndarray:
+        """Preprocess a batch.
+
+        Args:
+            images: (n, box_size, box_size) images.
+            indices: (n,) the particles' indices in the set (needed with a ``ctf``, which is per particle).
+
+        Returns:
+            (n, output_box, output_box) float32 images.
+
+        Raises:
+            ValueError: wrong shape, or a CTF without indices.
+            BadImageError: an image with NaN/infinite pixels or a constant background.
+        """
+        images = self.normalized(images)
+        if self.noise_spectrum is not None:
+            images = self.noise_spectrum.whiten(images)
+        if self.ctf is not None:
+            if indices is None:
+                raise ValueError("phase flipping needs the particles' indices")
+            from .ctf import phase_flip
+
+            images = phase_flip(images, self.ctf.signs(indices, self.output_box, self.output_pixel_size))
+        if self.noise_normalize:
+            from .noise import noise_levels
+
+            levels = noise_levels(images)
+            usable = np.isfinite(levels) & (levels > 0)
+            if not usable.all():
+                raise BadImageError(int(np.argmin(usable)), "has no noise at high spatial frequencies, so its noise "
+                                                            "level cannot be measured", constant_background=True)
+            images = images / levels.astype(np.float32)[:, None, None]
         return images

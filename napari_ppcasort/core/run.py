@@ -299,7 +299,7 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
         sorter.start(prepared.coefficients)
         n_rounds = len(sorter.schedule)
         yield SortStarted(n_rounds, prepared.coefficients.shape[0], prepared.coefficients.shape[1],
-                          automatic=settings.outlier_threshold is not None)
+                          automatic=sorter.automatic)
         result = yield from _rounds(sorter, prepared, n_components_shown, n_rounds, cancelled, shown)
         if result is None:
             return

@@ -161,7 +161,7 @@ class SortSettings:
     """
 
     model: str = setting(
-        "steerable", choices=MODELS, label="model",
+        "contamination", choices=MODELS, label="model",
         help="the model and its junk score: " + "; ".join(f"'{name}': {spec.summary}" for name, spec in MODELS.items()))
     n_subspaces: int = setting(
         3, minimum=1, label="subspaces M",
@@ -171,17 +171,27 @@ class SortSettings:
         help="M * K, the summed dimension of the subspaces (the paper's K_total); each subspace gets "
              "total_dimension // n_subspaces dimensions")
     alpha: float = setting(
-        0.05, minimum=0, maximum=1, open_minimum=True, open_maximum=True, label="alpha (%)", unit_scale=100,
-        help="fraction of the remaining images removed at each pruning round")
+        0.1, minimum=0, maximum=1, open_minimum=True, open_maximum=True, label="alpha (%)", unit_scale=100,
+        help="fraction of the remaining images removed at each pruning round (with stop 'junk-left': at most this "
+             "fraction)")
     iterations_per_round: int = setting(
         6, minimum=1, label="EM iterations per round", help="P, EM iterations between prunings")
+    stop: str = setting(
+        "junk-left", choices=("junk-left", "schedule"), label="stop",
+        help="when pruning stops: 'junk-left' (the default) prunes while the model finds junk (images whose junk "
+             "probability is above 1/2 with the contamination model, robust outliers of each round's scores "
+             "(outlier_threshold) with the others), at most alpha of the rest per round; 'schedule' removes alpha of "
+             "the rest every round, the paper's fixed budget, for n_rounds rounds or down to target_kept_fraction")
     n_rounds: int | None = setting(
-        5, minimum=1, label="rounds", none_means="until the target kept fraction (or no outlier) is reached",
-        help="number of pruning rounds (none: until target_kept_fraction is reached)")
+        None, minimum=1, label="rounds", none_means="no limit (stop 'junk-left'); until target_kept_fraction "
+                                                    "(stop 'schedule')",
+        help="number of pruning rounds: the count with stop 'schedule', at most this many with 'junk-left' (none: "
+             "no limit)")
     target_kept_fraction: float | None = setting(
         None, minimum=0, maximum=1, open_minimum=True, open_maximum=True, label="keep (%)", unit_scale=100,
-        none_means="after n_rounds",
-        help="stop when this fraction of the stack is left (none: after n_rounds)")
+        none_means="no limit",
+        help="stop when this fraction of the stack is left: the target with stop 'schedule', a lower limit with "
+             "'junk-left' (none: no limit)")
     basis: str = setting(
         "pswf", choices=BASES, label="basis",
         help="; ".join(f"'{name}': {spec.summary}" for name, spec in BASES.items()))
@@ -195,10 +205,19 @@ class SortSettings:
         help="Fourier-crop larger images to this box (pixels) before anything else; smaller images are kept as they "
              "are (none: never crop)")
     mask_radius: float | None = setting(
-        None, minimum=0, open_minimum=True, label="mask radius (px)", none_means="box // 2 - 1",
-        help="radius of the particle circle in pixels of the (cropped) box (none: box // 2 - 1)")
+        None, minimum=0, open_minimum=True, label="mask radius (px)", none_means="estimated from the images",
+        help="radius of the particle circle in pixels of the (cropped) box: the basis sees what is inside, "
+             "normalisation the background outside (none: estimated from the images, where their signal ends)")
     normalize: bool = setting(
         True, label="normalize", help="normalise each image on the background outside the circle (mean 0, std 1)")
+    whiten: bool = setting(
+        True, label="whiten noise",
+        help="whiten the noise with the power spectrum estimated from the stack, and scale each image to noise of "
+             "variance 1 measured at its high spatial frequencies")
+    ctf_correction: str = setting(
+        "flip", choices=("flip", "none"), label="CTF correction",
+        help="'flip': flip the phases where each particle's CTF is negative, from the defocus in the particle file "
+             "(files without CTF values are left as they are); 'none': leave the images as they are")
     combine: str = setting(
         "sum", choices=COMBINATIONS, model_specific=True, label="combine",
         help="how the sorting factor combines subspaces: 'sum' (the paper), 'min', 'responsibility' (model 'paper' "
@@ -211,12 +230,11 @@ class SortSettings:
     random_state: int = setting(
         0, minimum=0, maximum=2**32 - 1, label="random seed",
         help="seed of every random choice (sampling, initialisation)")
-    outlier_threshold: float | None = setting(
-        None, minimum=0, open_minimum=True, label="outlier threshold", none_means="off",
-        help="the automatic mode (none: off): a round removes only images whose score is a robust outlier of that "
-             "round's scores (robust z-score, median/MAD, of the score, or of its logarithm when every score is "
-             "positive as sorting factors are, above this), at most alpha of the rest, and the sort stops after a "
-             "round that finds none; n_rounds and target_kept_fraction may then both be none")
+    outlier_threshold: float = setting(
+        2.5, minimum=0, open_minimum=True, label="outlier threshold",
+        help="stop 'junk-left' with a model without a junk probability (steerable, paper): a round removes only "
+             "images whose score is a robust outlier of that round's scores (robust z-score, median/MAD, of the "
+             "score, or of its logarithm when every score is positive as sorting factors are, above this)")
 
     def __post_init__(self):
         for declaration in SETTINGS.values():
@@ -242,9 +260,9 @@ class SortSettings:
                 users = " or ".join(repr(other) for other, spec in MODELS.items() if name in spec.settings)
                 raise SettingsError(f"{{{name}}} applies to model {users} only; with the {self.model} model leave it "
                                     f"at its default ({quote(declaration.default)})")
-        if self.n_rounds is None and self.target_kept_fraction is None and self.outlier_threshold is None:
-            raise SettingsError("give {n_rounds}, {target_kept_fraction} or {outlier_threshold}, so that the sort "
-                                "knows when to stop")
+        if self.stop == "schedule" and self.n_rounds is None and self.target_kept_fraction is None:
+            raise SettingsError("{stop} 'schedule' needs {n_rounds} or {target_kept_fraction}, so that the sort knows "
+                                "when to stop")
 
     @property
     def subspace_dimension(self) -> int:

@@ -32,6 +32,10 @@ import scipy.fft
 import starfile
 from scipy.spatial.transform import Rotation
 
+# The microscope of every simulated CTF, written to the STAR optics block: VOLTAGE_KV, SPHERICAL_ABERRATION_MM,
+# AMPLITUDE_CONTRAST (core.ctf).
+from .ctf import (AMPLITUDE_CONTRAST, SPHERICAL_ABERRATION_MM, VOLTAGE_KV, _ctf_values, ctf_at,
+                  electron_wavelength_angstrom)
 from .outputs import atomic_files, write_mrc_stack
 
 # One label table for both simulators. ``simulate_particles`` (Table-1 protocol) uses PARTICLE, OUTLIER
@@ -50,10 +54,6 @@ LABEL_NAMES = {
     EMPTY: "empty",
 }
 
-# Microscope constants used for every simulated CTF and written to the STAR optics block.
-VOLTAGE_KV = 300.0
-SPHERICAL_ABERRATION_MM = 2.7
-AMPLITUDE_CONTRAST = 0.1
 
 # The volume is zero-padded to OVERSAMPLING times its side before the 3-D FFT. Measured relative
 # L2 error of the interpolated central slices against the exact (non-uniform DFT) slice values of the
@@ -281,12 +281,6 @@ def random_rotations(n: int, random_state=None) -> np.ndarray:
     return Rotation.from_quat(quaternions).as_matrix().reshape(int(n), 3, 3)
 
 
-def electron_wavelength_angstrom(voltage_kv: float) -> float:
-    """Relativistic electron wavelength in angstrom for an acceleration voltage in kV."""
-    volts = voltage_kv * 1e3
-    return 12.2643247 / np.sqrt(volts * (1.0 + 0.978466e-6 * volts))
-
-
 def ctf(
     box: int,
     pixel_size: float,
@@ -323,76 +317,6 @@ def ctf(
         cs_mm,
         amplitude_contrast,
     )
-
-
-def ctf_at(
-    frequency_x,
-    frequency_y,
-    defocus_u_um: float,
-    defocus_v_um: float | None = None,
-    defocus_angle_deg: float = 0.0,
-    b_factor: float = 0.0,
-    voltage_kv: float = VOLTAGE_KV,
-    cs_mm: float = SPHERICAL_ABERRATION_MM,
-    amplitude_contrast: float = AMPLITUDE_CONTRAST,
-) -> np.ndarray:
-    """CTF with astigmatism and B-factor envelope at spatial frequencies (kx, ky) in 1/angstrom.
-
-    RELION's convention (ctf.h, CTF::getCTF and getDeltaF): with k = |(kx, ky)| and theta = atan2(ky, kx),
-
-        df(theta) = (U + V) / 2 + (U - V) / 2 * cos(2 * (theta - angle))
-        CTF(k)    = sin(pi * lambda * df(theta) * k^2 - pi/2 * Cs * lambda^3 * k^4 + arcsin(A))
-                    * exp(-B * k^2 / 4)
-
-    U, V: defocus in micrometres (positive = underfocus), U along the direction ``defocus_angle_deg``
-    (degrees from the +x axis, i.e. image columns, towards +y, i.e. increasing row index), V across it;
-    B: B-factor in angstrom^2; lambda: electron wavelength; Cs: spherical aberration; A: amplitude
-    contrast. CTF(0) = A > 0 (a positive potential gives positive low-frequency contrast).
-
-    ``frequency_x``, ``frequency_y`` and the defocus parameters broadcast against each other (e.g.
-    (n, 1, 1) defoci on an (h, w) grid give n CTFs); returns float32 of the broadcast shape.
-    """
-    frequency_x = np.asarray(frequency_x, dtype=np.float32)  # float32: phase errors below 1e-4 rad
-    frequency_y = np.asarray(frequency_y, dtype=np.float32)
-    squared = frequency_x**2 + frequency_y**2
-    if defocus_v_um is None or np.array_equal(defocus_v_um, defocus_u_um):
-        defocus = np.asarray(defocus_u_um, dtype=np.float64)
-    else:
-        defocus_u = np.asarray(defocus_u_um, dtype=np.float32)
-        defocus_v = np.asarray(defocus_v_um, dtype=np.float32)
-        mean, half_difference = np.float32(0.5) * (defocus_u + defocus_v), np.float32(0.5) * (defocus_u - defocus_v)
-        direction = np.arctan2(frequency_y, frequency_x) - np.deg2rad(np.asarray(defocus_angle_deg, np.float32))
-        defocus = mean + half_difference * np.cos(2 * direction)
-    return _ctf_values(squared, defocus, voltage_kv, cs_mm, amplitude_contrast, b_factor)
-
-
-def _ctf_values(
-    squared_frequency: np.ndarray,
-    defocus_um: np.ndarray,
-    voltage_kv: float = VOLTAGE_KV,
-    cs_mm: float = SPHERICAL_ABERRATION_MM,
-    amplitude_contrast: float = AMPLITUDE_CONTRAST,
-    b_factor: float = 0.0,
-) -> np.ndarray:
-    """CTF (see ``ctf_at``) at squared frequencies (1/angstrom^2) and defoci (micrometres) that broadcast
-    against each other (e.g. (n, 1) defoci on (1, m) frequencies): float32 of the broadcast shape."""
-    if not 0 <= amplitude_contrast < 1:
-        raise ValueError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast!r}")
-    if not voltage_kv > 0:
-        raise ValueError(f"voltage must be positive, got {voltage_kv!r}")
-    if not (np.isfinite(b_factor) and b_factor >= 0):
-        raise ValueError(f"B-factor must be a non-negative number of angstrom^2, got {b_factor!r}")
-    wavelength = electron_wavelength_angstrom(voltage_kv)
-    defocus_term = (np.pi * wavelength * 1e4) * np.asarray(defocus_um, dtype=np.float64)  # per 1/angstrom^2
-    k2 = np.asarray(squared_frequency, dtype=np.float32)
-    spherical_term = np.float32(0.5 * np.pi * cs_mm * 1e7 * wavelength**3)  # per 1/angstrom^4
-    aberration = spherical_term * k2**2 - np.float32(np.arcsin(amplitude_contrast))
-    phase = defocus_term.astype(np.float32) * k2
-    phase -= aberration
-    values = np.sin(phase, out=phase)
-    if b_factor:
-        values *= np.exp(np.float32(-0.25 * b_factor) * k2)
-    return values
 
 
 # --------------------------------------------------------------------------------------------------

@@ -137,10 +137,19 @@ class OnlineSorter:
     scorer : callable (model, data) -> (N,) scores
         The junk score; default :class:`SortingFactorScore` (the paper's).
     outlier_threshold : float or None
-        The automatic mode. When set, a round removes only the images whose score is an outlier of this
-        round's score distribution (robust z-score, median and MAD of the log-scores, above the threshold),
-        at most the scheduled count, and the sort stops after a round that finds none. With it, n_rounds
-        and target_kept_fraction may both be None (they remain upper bounds on the removal).
+        An automatic mode for scores without a probability. When set, a round removes only the images whose
+        score is an outlier of this round's score distribution (robust z-score, median and MAD of the
+        log-scores, above the threshold), at most the scheduled count, and the sort stops after a round that
+        finds none. With it, n_rounds and target_kept_fraction may both be None (they remain upper bounds on
+        the removal).
+    score_cut : float or None
+        The automatic mode of a score with a probability (the junk log-odds of a contamination model): a round
+        prunes only the images scoring above it, at most the scheduled count, and the sort stops after a round
+        that finds none. Not together with ``outlier_threshold``.
+    final_cut : float or None
+        With ``score_cut``: the round that finds nothing above ``score_cut`` removes every image scoring above
+        ``final_cut`` instead (the decision of the converged model: 0 is a junk probability of 1/2), and the
+        sort ends. Pruning on a higher ``score_cut`` while the model learns removes only what is surely junk.
 
     Use :meth:`rounds` as a generator, or drive it step by step with :meth:`start`, :meth:`em_step` and
     :meth:`prune` (the GUI does, to stay cancellable between EM iterations).
@@ -156,6 +165,8 @@ class OnlineSorter:
         target_kept_fraction: float | None = None,
         scorer: Scorer | None = None,
         outlier_threshold: float | None = None,
+        score_cut: float | None = None,
+        final_cut: float | None = None,
     ):
         if not (isinstance(alpha, (float, int)) and 0.0 < alpha < 1.0):
             raise ValueError(f"alpha must be a fraction strictly between 0 and 1, got {alpha!r}")
@@ -163,9 +174,15 @@ class OnlineSorter:
             raise ValueError(f"iterations_per_round must be a positive integer, got {iterations_per_round!r}")
         if outlier_threshold is not None and not outlier_threshold > 0:
             raise ValueError(f"outlier_threshold must be a positive robust z-score, got {outlier_threshold!r}")
-        if n_rounds is None and target_kept_fraction is None and outlier_threshold is None:
-            raise ValueError("give n_rounds, target_kept_fraction, or outlier_threshold, so that the sort knows "
-                             "when to stop")
+        if outlier_threshold is not None and score_cut is not None:
+            raise ValueError("give outlier_threshold or score_cut, not both: they are two automatic modes")
+        if score_cut is not None and not np.isfinite(score_cut):
+            raise ValueError(f"score_cut must be a finite score, got {score_cut!r}")
+        if final_cut is not None and (score_cut is None or not final_cut <= score_cut):
+            raise ValueError(f"final_cut needs a score_cut at or above it, got {final_cut!r} with {score_cut!r}")
+        if n_rounds is None and target_kept_fraction is None and outlier_threshold is None and score_cut is None:
+            raise ValueError("give n_rounds, target_kept_fraction, outlier_threshold or score_cut, so that the sort "
+                             "knows when to stop")
         if n_rounds is not None and (not isinstance(n_rounds, (int, np.integer)) or n_rounds < 1):
             raise ValueError(f"n_rounds must be a positive integer or None, got {n_rounds!r}")
         if target_kept_fraction is not None and not 0.0 < target_kept_fraction < 1.0:
@@ -177,6 +194,13 @@ class OnlineSorter:
         self.target_kept_fraction = target_kept_fraction
         self.scorer = scorer if scorer is not None else SortingFactorScore()
         self.outlier_threshold = outlier_threshold
+        self.score_cut = score_cut
+        self.final_cut = final_cut
+
+    @property
+    def automatic(self) -> bool:
+        """True when a round removes only what its rule finds, and the sort stops after a round that finds none."""
+        return self.outlier_threshold is not None or self.score_cut is not None
 
     def removal_schedule(self, n_total: int) -> list[int]:
         """How many images each round removes from a set of ``n_total`` (upper bounds in the automatic mode).
@@ -187,6 +211,7 @@ class OnlineSorter:
         floor = self.model.n_components * (self.model.n_dims + 1) + 1
         if self.target_kept_fraction is not None:
             floor = max(floor, math.ceil(self.target_kept_fraction * n_total))
+        self._floor = floor
         counts, remaining = [], n_total
         while self.n_rounds is None or len(counts) < self.n_rounds:
             count = min(max(1, int(round(self.alpha * remaining))), remaining - floor)
@@ -242,9 +267,13 @@ class OnlineSorter:
         self._round += 1
         scores = np.asarray(self.scorer(self.model, self._active), dtype=np.float64)
         n_remove = self.schedule[self._round - 1]
-        if self.outlier_threshold is not None:
-            n_remove = min(n_remove, self._outlier_count(scores))
+        if self.automatic:
+            found = (self._outlier_count(scores) if self.outlier_threshold is not None
+                     else int(np.count_nonzero(scores > self.score_cut)))
+            n_remove = min(n_remove, found)
             self._found_no_outlier = n_remove == 0
+            if n_remove == 0 and self.final_cut is not None:
+                n_remove = min(int(np.count_nonzero(scores > self.final_cut)), scores.size - self._floor)
         order = np.argsort(scores, kind="stable")
         keep_positions = np.sort(order[: scores.size - n_remove])
         drop_positions = order[scores.size - n_remove :][::-1]  # worst first

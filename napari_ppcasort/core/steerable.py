@@ -155,13 +155,19 @@ class _Statistics:
             np.zeros((n_components, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups
         ]
 
-    def add(self, rows: np.ndarray, weights: np.ndarray) -> None:
-        """Add a float64 chunk ``rows`` (c, L) with responsibilities ``weights`` (c, M)."""
+    def add(self, rows: np.ndarray, weights: np.ndarray, mean_weights: np.ndarray | None = None,
+            total_weights: np.ndarray | None = None) -> None:
+        """Add a float64 chunk ``rows`` (c, L) with responsibilities ``weights`` (c, M).
+
+        ``mean_weights`` and ``total_weights`` (c, M), if given, replace ``weights`` in the sums of the rows and in
+        the totals: an image of amplitude a (y = a x) enters a component's mean as sum r a y / sum r a^2 and its
+        second moment as sum r y y^T / sum r a^2 (see core/contamination.py).
+        """
         layout = self.layout
-        self.totals += weights.sum(axis=0)
+        self.totals += (weights if total_weights is None else total_weights).sum(axis=0)
         self.energies += weights.T @ np.einsum("ij,ij->i", rows, rows)
         zero = rows[:, layout.zero_columns]
-        self.zero_sums += weights.T @ zero
+        self.zero_sums += (weights if mean_weights is None else mean_weights).T @ zero
         for m in range(weights.shape[1]):
             self.zero_moments[m] += (zero * weights[:, m : m + 1]).T @ zero
         for (cos, sin), moments in zip(layout.size_groups, self.group_moments):

@@ -1,0 +1,498 @@
+"""The contamination model: rotation-closed particle subspaces plus explicit junk components, and the junk probability.
+
+Picked boxes hold particles and junk. The paper models the particles as a union of subspaces and lets junk
+"lie off them"; here junk is modelled too, by three kinds of component that each explain a kind of pick the
+particle subspaces cannot (all rotation-invariant, like the particle subspaces of
+:class:`~napari_ppcasort.core.steerable.SteerableMixturePPCA`, on whitened coefficients):
+
+* ``particle`` (M of them): a rotation-closed probabilistic PCA, y ~ N(mu_m, W_m W_m^T + sigma^2 I): a class
+  of particle views with its rotational average and its K-dimensional variability.
+* ``outlier`` (one per particle class): the class's *contaminated* twin (a contaminated normal, Aitkin and
+  Wilson 1980; Punzo and McNicholas 2016), y ~ N(mu_m, eta W_m W_m^T + sigma^2 I): the same kind of image
+  with ``eta`` times the signal variance, which is what an aggregate of particles or a particle with
+  something on it looks like next to a clean particle. It has no parameters of its own but its weight.
+* ``noise`` (one): y ~ N(0, s^2 I), an empty box: the noise alone (s^2 the mean squared coefficient of its
+  members: about 1 on whitened, noise-normalised images).
+* ``background`` (J of them): a stationary Gaussian (translation- and rotation-invariant), y ~ N(0, S_j)
+  with S_j the coefficient covariance of an image with radial power spectrum sum_l theta_jl phi_l(|k|)
+  (phi_l triangular bands of spatial frequency, theta_jl >= 0): structure of a given spectrum anywhere in
+  the box, which is what ice, carbon and other contamination are, and what a centred particle is not.
+
+The junk probability of an image is the posterior mass of the junk components,
+P(junk | y) = sum_{c junk} pi_c N_c(y) / sum_c pi_c N_c(y), and its score is the log-odds
+log P(junk | y) - log P(particle | y) (0 at even odds, larger = more junk-like). The mixing weights pi
+estimate how much of each there is, so the cut at P = 1/2 needs no junk fraction from the user.
+
+EM. One pass over the data per iteration: the E-step evaluates every component's log-density per chunk;
+the sufficient statistics are those of the particle model (responsibility-weighted sums and block second
+moments, core/steerable.py) for the particle and background components together; the M-step fits the
+particle classes exactly as SteerableMixturePPCA does, and each background component's spectrum theta_j by
+the method of moments, non-negative least squares on E[y^T G_l y] = sum_m theta_m tr(G_l G_m) with G_l the
+coefficient covariance of band l (block-diagonal by angular frequency, computed once from the basis). The
+noise component shares the particle classes' sigma^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+import scipy.optimize
+
+from .mixture import DEFAULT_CHUNK_BYTES, kmeans_labels, logsumexp_rows
+from .steerable import _LOG_2PI, SteerableMixturePPCA, SteerableParameters, _Statistics
+
+__all__ = ["COMPONENT_KINDS", "ContaminationMixture", "ContaminationParameters", "JunkLogOdds", "BackgroundBands"]
+
+#: The kinds of component, in the order of the columns of ``log_densities`` and ``predict_proba``.
+COMPONENT_KINDS = ("particle", "outlier", "noise", "background")
+#: Kinds that are junk.
+JUNK_KINDS = ("outlier", "noise", "background")
+OWN_NOISE = False
+#: Spatial-frequency bands of the background spectra.
+N_BANDS = 10
+_LOG_PI = np.log(np.pi)
+
+
+@dataclass(frozen=True)
+class ContaminationParameters(SteerableParameters):
+    """Parameters of a :class:`ContaminationMixture` (copies).
+
+    The SteerableParameters fields (means, components, weights, noise_variance, axes, variances) describe the
+    M particle classes, with ``weights`` their shares among the particles. Besides:
+
+    component_kinds: (C,) the kind of every component, in the order of ``predict_proba``'s columns.
+    component_weights: (C,) the mixing weight of every component (summing to 1): the share of the images it
+        explains; ``component_weights[component_kinds != 'particle'].sum()`` is the estimated junk fraction.
+    background_spectra: (J, n_bands) the background components' band powers theta.
+    outlier_inflation: eta, the signal-variance factor of the outlier twins.
+    """
+
+    component_kinds: tuple = ()
+    component_weights: np.ndarray = None
+    background_spectra: np.ndarray = None
+    outlier_inflation: float = 1.0
+
+    @property
+    def junk_fraction(self) -> float:
+        """The estimated fraction of junk among the images the model was fitted on."""
+        kinds = np.array(self.component_kinds)
+        return float(self.component_weights[kinds != "particle"].sum())
+
+
+class BackgroundBands:
+    """The coefficient covariances G_l of stationary noise in each band l of spatial frequency, for one basis.
+
+    G_l = B^T C_l B, with B the basis (pixels x L) and C_l the covariance of stationary noise whose power
+    spectrum is the triangular band phi_l(|k|) (a partition of unity on [0, k_max]: white noise of variance
+    s^2 is sum_l s^2 G_l = s^2 B^T B = s^2 I). Kept as the diagonal blocks of each angular frequency, as
+    :class:`_Statistics` holds the data: ``zero`` (n_bands, n_0, n_0) real and ``groups[g]`` (n_bands, g, s, s)
+    complex, the covariance E[z z^H] of the complex block coefficients z = a + i b.
+
+    ``gram`` (n_bands, n_bands): tr(G_l G_m), for the method-of-moments fit.
+    """
+
+    def __init__(self, basis, layout, n_bands: int = N_BANDS):
+        box = basis.box_size
+        images = basis.evaluate(np.eye(basis.n_coefficients, dtype=np.float32)).astype(np.float64)
+        padded = 2 * box  # stationary noise is not periodic in the box: convolve on a canvas twice as large
+        canvas = np.zeros((images.shape[0], padded, padded))
+        canvas[:, :box, :box] = images
+        spectra = scipy.fft.rfft2(canvas, workers=-1)
+        frequency = np.hypot(scipy.fft.fftfreq(padded)[:, None], scipy.fft.rfftfreq(padded)[None, :])
+        # the bands cover the frequencies the basis holds (its band limit c over the disk radius) and a margin
+        k_max = min(0.5 * np.sqrt(2.0), 1.25 * basis.bandlimit / (2 * np.pi * basis.radius))
+        centres = np.linspace(0.0, k_max, n_bands)
+        width = centres[1] - centres[0]
+        flat = images.reshape(images.shape[0], -1)
+        self.n_bands = n_bands
+        self.centres = centres
+        self.zero = np.empty((n_bands, layout.zero_columns.size, layout.zero_columns.size))
+        self.groups = [np.empty((n_bands, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups]
+        for band, centre in enumerate(centres):
+            profile = np.clip(1.0 - np.abs(frequency - centre) / width, 0.0, 1.0)
+            if band == n_bands - 1:
+                profile = np.where(frequency >= centre, 1.0, profile)
+            filtered = scipy.fft.irfft2(spectra * profile, s=(padded, padded), workers=-1)[:, :box, :box]
+            covariance = flat @ filtered.reshape(filtered.shape[0], -1).T
+            covariance = 0.5 * (covariance + covariance.T)
+            zero = layout.zero_columns
+            self.zero[band] = covariance[np.ix_(zero, zero)]
+            for g, (cos, sin) in enumerate(layout.size_groups):
+                for b in range(cos.shape[0]):
+                    c, s = cos[b], sin[b]
+                    a_part = 0.5 * (covariance[np.ix_(c, c)] + covariance[np.ix_(s, s)])
+                    b_part = 0.5 * (covariance[np.ix_(s, c)] - covariance[np.ix_(c, s)])
+                    self.groups[g][band, b] = 2.0 * (a_part + 1j * b_part)
+        self.gram = np.einsum("lab,mba->lm", self.zero, self.zero)
+        for blocks in self.groups:
+            self.gram += 0.5 * np.einsum("lgab,mgba->lm", blocks, blocks).real
+
+    def moments(self, zero_moments: np.ndarray, group_moments: list) -> np.ndarray:
+        """(n_bands,) sum_i r_i y_i^T G_l y_i from one component's second moments (uncentred): ``zero_moments``
+        (n_0, n_0) = sum r x x^T and ``group_moments[g]`` (g, s, s) = sum r z z^H."""
+        out = np.einsum("lab,ba->l", self.zero, zero_moments)
+        for blocks, moments in zip(self.groups, group_moments):
+            out += 0.5 * np.einsum("lgab,gba->l", blocks, moments).real
+        return out
+
+    def fit(self, zero_moments, group_moments, total: float) -> np.ndarray:
+        """theta >= 0 (n_bands,) of the stationary model that matches one component's second moments."""
+        theta, _ = scipy.optimize.nnls(self.gram, self.moments(zero_moments, group_moments) / max(total, 1e-300))
+        return theta
+
+    def covariances(self, theta: np.ndarray, floor: float) -> tuple[np.ndarray, list]:
+        """The blocks of sum_l theta_l G_l with eigenvalues raised to at least ``floor`` (real N = 0 block) and
+        ``2 * floor`` (complex blocks, E|z|^2 = 2 sigma^2): (n_0, n_0), [(g, s, s) complex]."""
+        values, vectors = np.linalg.eigh(np.einsum("l,lab->ab", theta, self.zero))
+        zero = (vectors * np.maximum(values, floor)) @ vectors.T
+        groups = []
+        for blocks in self.groups:
+            values, vectors = np.linalg.eigh(np.einsum("l,lgab->gab", theta, blocks))
+            groups.append(np.einsum("gab,gb,gcb->gac", vectors, np.maximum(values, 2 * floor), vectors.conj()))
+        return zero, groups
+
+
+class _Gaussian:
+    """A zero-mean rotation-invariant Gaussian given by its diagonal blocks, ready to evaluate log-densities."""
+
+    def __init__(self, zero: np.ndarray, groups: list):
+        self.zero_whitener = np.linalg.inv(np.linalg.cholesky(zero))
+        self.group_whiteners = [np.linalg.inv(np.linalg.cholesky(blocks)) for blocks in groups]
+        # log det of the real covariance of the N = 0 block, and log det(pi C) of each complex block
+        self.log_normaliser = (2 * np.log(np.diag(np.linalg.cholesky(zero))).sum() + zero.shape[0] * _LOG_2PI) / 2
+        for blocks in groups:
+            chol_diag = np.abs(np.diagonal(np.linalg.cholesky(blocks), axis1=1, axis2=2))
+            self.log_normaliser += 2 * np.log(chol_diag).sum() + blocks.shape[0] * blocks.shape[1] * _LOG_PI
+
+    def log_density(self, zero: np.ndarray, blocks: list) -> np.ndarray:
+        """log N(y | 0, S) of a chunk given as its N = 0 part (c, n_0) and complex blocks [(g, c, s)]."""
+        mahalanobis = 0.5 * np.einsum("ca,ca->c", *(2 * [zero @ self.zero_whitener.T]))
+        for z, whitener in zip(blocks, self.group_whiteners):
+            u = np.matmul(z, whitener.transpose(0, 2, 1))  # (g, c, s)
+            mahalanobis += np.einsum("gcs,gcs->c", u.real, u.real) + np.einsum("gcs,gcs->c", u.imag, u.imag)
+        return -self.log_normaliser - mahalanobis
+
+
+class ContaminationMixture(SteerableMixturePPCA):
+    """Rotation-closed particle subspaces plus outlier, noise and background components (see the module docstring).
+
+    Parameters
+    ----------
+    basis : the steerable basis of the coefficients (a PSWFBasis: its layout, and its functions for the
+        background spectra).
+    n_components : int
+        M, the number of particle classes.
+    n_dims : int
+        K, the real dimension of each particle subspace.
+    n_background : int
+        J, the number of background (stationary) components.
+    outlier_inflation : float > 1 or None
+        eta, the factor on the signal variance of each particle class's outlier twin; None: no twins.
+    noise, max_iter, tol, random_state, init_sample_size, chunk_bytes : as for SteerableMixturePPCA
+        (``noise`` applies to the particle classes).
+
+    Attributes (besides SteerableMixturePPCA's, which describe the particle classes)
+    ----------
+    component_kinds_ : tuple, the kind of every component (columns of ``log_densities``/``predict_proba``).
+    component_weights_ : (C,) float64, mixing weights of all components.
+    background_spectra_ : (J, n_bands) float64, theta of each background component.
+    """
+
+    def __init__(self, basis, n_components: int = 3, n_dims: int = 20, *, n_background: int = 3,
+                 outlier_inflation: float | None = 4.0, amplitudes=(1.0,), noise_floor: float | None = None,
+                 noise: str = "shared", max_iter: int = 100,
+                 tol: float = 1e-6,
+                 random_state: int | None = 0, init_sample_size: int = 20000, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        super().__init__(basis.angular_frequencies, basis.is_sine, basis.radial_indices, n_components, n_dims,
+                         noise=noise, max_iter=max_iter, tol=tol, random_state=random_state,
+                         init_sample_size=init_sample_size, chunk_bytes=chunk_bytes)
+        if not isinstance(n_background, (int, np.integer)) or n_background < 0:
+            raise ValueError(f"n_background must be a non-negative integer, got {n_background!r}")
+        if outlier_inflation is not None and not outlier_inflation > 1:
+            raise ValueError(f"outlier_inflation must be above 1 (or None for no outlier twins), got {outlier_inflation!r}")
+        self.basis = basis
+        self.amplitudes = np.asarray(amplitudes, dtype=np.float64)
+        if noise_floor is not None and not noise_floor > 0:
+            raise ValueError(f"noise_floor must be a positive variance or None, got {noise_floor!r}")
+        self.noise_floor = noise_floor
+        self.n_background = int(n_background)
+        self.outlier_inflation = outlier_inflation
+        self.bands = BackgroundBands(basis, self.layout) if self.n_background else None
+        m = n_components
+        self.component_kinds_ = (("particle",) * m + (("outlier",) * m if outlier_inflation else ())
+                                 + ("noise",) + ("background",) * self.n_background)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def _kinds(self) -> np.ndarray:
+        return np.array(self.component_kinds_)
+
+    @property
+    def junk_columns(self) -> np.ndarray:
+        """Columns of ``log_densities``/``predict_proba`` that are junk."""
+        return np.flatnonzero(np.isin(self._kinds, JUNK_KINDS))
+
+    def _split(self, rows: np.ndarray) -> tuple[np.ndarray, list]:
+        """A float64 chunk (c, L) as its N = 0 part (c, n_0) and complex blocks per size group [(g, c, s)]."""
+        layout = self.layout
+        zero = rows[:, layout.zero_columns]
+        blocks = [(rows[:, cos] + 1j * rows[:, sin]).transpose(1, 0, 2) for cos, sin in layout.size_groups]
+        return zero, blocks
+
+    # ------------------------------------------------------------------ initialisation
+    def initialize(self, data) -> "ContaminationMixture":
+        """Start from a sample split by energy: the weakest fifth as noise, the strongest fifth as background
+        (split among the J components at random), the rest as particles in M k-means clusters of
+        rotation-invariant features."""
+        self._check_parameters()
+        data = self._check_data(data, fitting=True)
+        rng = np.random.default_rng(self.random_state)
+        rows = np.sort(rng.choice(data.shape[0], size=min(data.shape[0], self.init_sample_size), replace=False))
+        sample = np.asarray(data[rows], dtype=np.float64)
+        energy = np.einsum("ij,ij->i", sample, sample)
+        low, high = np.quantile(energy, [0.2, 0.8]) if self.n_background else (np.quantile(energy, 0.2), np.inf)
+        kinds = self._kinds
+        labels = np.empty(sample.shape[0], dtype=np.intp)
+        middle = (energy >= low) & (energy <= high)
+        labels[middle] = kmeans_labels(self._clustering_features(sample[middle]), self.n_components, rng,
+                                       min_size=self.n_dims + 2)
+        labels[energy < low] = np.flatnonzero(kinds == "noise")[0]
+        if self.n_background:
+            background = np.flatnonzero(kinds == "background")
+            labels[energy > high] = background[rng.integers(0, background.size, np.count_nonzero(energy > high))]
+        self.means_ = np.zeros((self.n_components, self.layout.n_features))
+        self.axes_ = np.zeros((self.n_components, self.n_dims, self.layout.n_features))
+        self.variances_ = np.ones((self.n_components, self.n_dims))
+        self.noise_variance_ = np.ones(self.n_components)
+        self.weights_ = np.full(self.n_components, 1.0 / self.n_components)
+        responsibilities = np.eye(kinds.size)[labels]
+        outliers = kinds == "outlier"
+        responsibilities[:, outliers] = 0.02  # the twins start small: they take what the classes cannot explain
+        responsibilities /= responsibilities.sum(axis=1, keepdims=True)
+        noise_energy = float(responsibilities[:, list(kinds).index("noise")] @ energy)
+        self._m_step(self._statistics(sample, responsibilities), responsibilities.sum(axis=0), noise_energy)
+        self.log_likelihood_ = []
+        self.n_iter_ = 0
+        self.n_reseeded_ = 0
+        self.converged_ = False
+        return self
+
+    # ------------------------------------------------------------------ EM
+    def _statistics(self, rows: np.ndarray, responsibilities: np.ndarray, moments=None) -> _Statistics:
+        """Block statistics of the particle and background components (in that order) of a chunk."""
+        statistics = _Statistics(self.layout, self._statistics_columns.size)
+        self._add(statistics, rows, responsibilities, moments)
+        return statistics
+
+    def _add(self, statistics: _Statistics, rows: np.ndarray, responsibilities: np.ndarray, moments=None) -> None:
+        """Add a chunk to the statistics; ``moments`` (c, M) x 2, the posterior E[a] and E[a^2] of each image's
+        amplitude in each particle class (None: amplitude 1)."""
+        weights = responsibilities[:, self._statistics_columns]
+        if moments is None:
+            statistics.add(rows, weights)
+            return
+        m = self.n_components
+        mean_weights, total_weights = weights.copy(), weights.copy()
+        mean_weights[:, :m] *= moments[0]
+        total_weights[:, :m] *= moments[1]
+        statistics.add(rows, weights, mean_weights, total_weights)
+
+    @property
+    def _statistics_columns(self) -> np.ndarray:
+        """The components whose block statistics the M-step needs: particles, then backgrounds."""
+        kinds = self._kinds
+        return np.flatnonzero((kinds == "particle") | (kinds == "background"))
+
+    def step(self, data) -> float:
+        """One EM iteration on ``data`` (N, L); returns the mean log-likelihood per sample before the update."""
+        data = self._check_data(data, fitting=False, check_finite=False)
+        statistics = _Statistics(self.layout, self._statistics_columns.size)
+        totals = np.zeros(len(self.component_kinds_))
+        noise_energy = 0.0
+        noise_column = self.component_kinds_.index("noise")
+        total_log_likelihood = 0.0
+        for _, rows in self._chunks(data):
+            log_dens, moments = self._log_densities(rows, amplitude_moments=True)
+            log_norm = logsumexp_rows(log_dens)
+            responsibilities = np.exp(log_dens - log_norm[:, None])
+            self._add(statistics, rows, responsibilities, moments)
+            totals += responsibilities.sum(axis=0)
+            noise_energy += float(responsibilities[:, noise_column] @ np.einsum("ij,ij->i", rows, rows))
+            total_log_likelihood += float(log_norm.sum())
+        self._m_step(statistics, totals, noise_energy)
+        mean_log_likelihood = total_log_likelihood / data.shape[0]
+        self.log_likelihood_.append(mean_log_likelihood)
+        self.n_iter_ += 1
+        return mean_log_likelihood
+
+    def _m_step(self, statistics: _Statistics, totals: np.ndarray, noise_energy: float) -> None:
+        """Particle classes (:meth:`_maximize_classes`), background spectra by moments, the noise variance of the
+        empty-box component (``noise_energy`` = sum_i r_i |y_i|^2), and all weights."""
+        m = self.n_components
+        healthy = totals[:m] >= self.n_dims + 1
+        if healthy.any():
+            self._maximize_classes(_subset(statistics, np.arange(m)), totals[:m], healthy)
+        self.component_weights_ = np.maximum(totals, 1e-300) / max(totals.sum(), 1e-300)
+        self.weights_ = self.component_weights_[:m] / self.component_weights_[:m].sum()
+        sigma2 = float(np.average(self.noise_variance_, weights=self.weights_))
+        n_features = self.layout.n_features
+        noise_total = totals[self.component_kinds_.index("noise")]
+        self.empty_variance_ = noise_energy / (n_features * noise_total) if noise_total > 1.0 and OWN_NOISE else sigma2
+        self._noise_log_normaliser = 0.5 * n_features * (_LOG_2PI + np.log(self.empty_variance_))
+        self.background_spectra_ = np.zeros((self.n_background, self.bands.n_bands if self.bands else 0))
+        self._backgrounds = []
+        for j in range(self.n_background):
+            index = m + j
+            theta = self.bands.fit(statistics.zero_moments[index], [g[index] for g in statistics.group_moments],
+                                   statistics.totals[index])
+            self.background_spectra_[j] = theta
+            self._backgrounds.append(_Gaussian(*self.bands.covariances(theta, sigma2)))
+
+    def _maximize_classes(self, statistics: _Statistics, responsibilities: np.ndarray, update: np.ndarray) -> None:
+        """Exact M-step of the particle classes with amplitudes (the classes ``update`` only).
+
+        An image y = a (mu + W x) + noise of amplitude a enters its class scaled to amplitude 1 with weight
+        r a^2 (its noise is then sigma^2 / a^2): mu = sum r a y / T, S = sum r y y^T / T - mu mu^T with
+        T = sum r a^2 (``statistics.totals``; ``zero_sums`` = sum r a x), the rotation-closed axes are the top K
+        of S (as SteerableMixturePPCA), and the noise is what the unscaled images leave off the subspace:
+        sigma^2 = T (tr S - sum_K lambda) / (R (L - K)) with R = sum r (``responsibilities``). The signal
+        variance along an axis is lambda - sigma^2 R / T (the scaled noise removed); ``variances_`` stores
+        it plus sigma^2, so that amplitude a has variance a^2 (variances_ - sigma^2) + sigma^2.
+        """
+        layout = self.layout
+        n_features, k = layout.n_features, self.n_dims
+        weights_a2 = np.maximum(statistics.totals, 1e-300)
+        zero_means = statistics.zero_sums / weights_a2[:, None]
+        traces = statistics.energies / weights_a2 - np.einsum("ml,ml->m", zero_means, zero_means)
+        axes, variances, residual = self.axes_.copy(), self.variances_.copy(), self.noise_variance_.copy()
+        captured = np.zeros(self.n_components)
+        # the noise's share of the scaled images' variance: nu / a^2 averaged with weights r a^2 = nu R / T
+        nu = self.noise_floor
+        scaled_noise = None if nu is None else nu * np.maximum(responsibilities, 1e-300) / weights_a2
+        for m in np.flatnonzero(update):
+            zero_covariance = statistics.zero_moments[m] / weights_a2[m] - np.outer(zero_means[m], zero_means[m])
+            group_covariances = [moments[m] / weights_a2[m] for moments in statistics.group_moments]
+            axes[m], variances[m] = self._top_axes(zero_covariance, group_covariances)
+            off_subspace = max(traces[m] - variances[m].sum(), 0.0) / (n_features - k)  # of the scaled images
+            if nu is None:  # all of it noise, which the scaling divided by a^2
+                residual[m] = off_subspace * weights_a2[m] / max(responsibilities[m], 1e-300)
+            else:  # the noise nu / a^2 and unmodelled signal tau^2 (scaled like the signal): sigma^2 = tau^2 + nu
+                residual[m] = max(off_subspace - scaled_noise[m], 0.0) + nu
+        if self.noise == "shared":
+            share = responsibilities[update] / max(responsibilities[update].sum(), 1e-300)
+            residual[update] = np.sum(share * residual[update])
+        floor = 1e-10 * max(float(np.max(traces[update])) / n_features, 1e-300)
+        residual = np.where(update, np.maximum(residual, floor), residual)
+        if nu is None:
+            scaled_noise = residual * np.maximum(responsibilities, 1e-300) / weights_a2
+            signal = np.maximum(variances - scaled_noise[:, None], 0.0)
+        else:
+            signal = np.maximum(variances - scaled_noise[:, None] - (residual - nu)[:, None], 0.0)
+        self.means_[update] = 0.0
+        self.means_[np.ix_(update, layout.zero_columns)] = zero_means[update]
+        self.axes_ = np.where(update[:, None, None], axes, self.axes_)
+        self.variances_ = np.where(update[:, None], signal + residual[:, None], self.variances_)
+        self.noise_variance_ = residual
+
+    def _log_densities(self, rows: np.ndarray, amplitude_moments: bool = False):
+        """log pi_c + log N_c(y) for a float64 chunk (c, L) and every component -> (c, C); with
+        ``amplitude_moments`` also (E[a], E[a^2]) (c, M) each, the posterior moments of each image's amplitude in
+        each particle class.
+
+        A particle class's density is the mean over the amplitude grid of N(y | a mu_m, a^2 (C_m - sigma^2 I) +
+        sigma^2 I): the class's signal at amplitude a, with the noise unchanged.
+        """
+        m_count, k = self.n_components, self.n_dims
+        n_features = rows.shape[1]
+        kinds = self._kinds
+        out = np.empty((rows.shape[0], kinds.size))
+        log_weights = np.log(self.component_weights_)
+        projections = (rows @ self.axes_.reshape(m_count * k, n_features).T).reshape(-1, m_count, k)
+        squared_norm = np.einsum("ij,ij->i", rows, rows)
+        data_on_means = rows @ self.means_.T  # (c, M)
+        mean_norms = np.einsum("ml,ml->m", self.means_, self.means_)
+        mean_projections = np.einsum("mkl,ml->mk", self.axes_, self.means_)  # (M, K)
+        sigma2 = self.noise_variance_
+        # the noise that does not scale with the amplitude (all of the residual without a noise floor)
+        nu = sigma2 if self.noise_floor is None else np.minimum(self.noise_floor, sigma2)
+
+        def class_log_density(amplitude, variances, residual_variance):
+            centred = projections - amplitude * mean_projections[None]
+            squared = centred**2
+            sq_dist = squared_norm[:, None] - 2.0 * amplitude * data_on_means + amplitude**2 * mean_norms[None]
+            residual = np.maximum(sq_dist - squared.sum(axis=2), 0.0) / residual_variance[None]
+            mahalanobis = np.einsum("imk,mk->im", squared, 1.0 / variances) + residual
+            log_det = np.log(variances).sum(axis=1) + (n_features - k) * np.log(residual_variance)
+            return -0.5 * (n_features * _LOG_2PI + log_det[None] + mahalanobis)
+
+        def amplitude_mixture(inflation):
+            # amplitude a: signal along the axes a^2 (lambda - nu) (inflated for an outlier), unmodelled signal
+            # a^2 (sigma^2 - nu) in the other directions, plus the noise nu
+            per_amplitude = np.stack([
+                class_log_density(a, inflation * a**2 * (self.variances_ - nu[:, None]) + nu[:, None],
+                                  a**2 * (sigma2 - nu) + nu)
+                for a in self.amplitudes])  # (n_a, c, M)
+            total = logsumexp_rows(per_amplitude.transpose(1, 2, 0).reshape(-1, self.amplitudes.size))
+            return per_amplitude, total.reshape(-1, m_count) - np.log(self.amplitudes.size)
+
+        per_amplitude, particle_log = amplitude_mixture(1.0)
+        out[:, kinds == "particle"] = particle_log
+        if self.outlier_inflation:
+            out[:, kinds == "outlier"] = amplitude_mixture(self.outlier_inflation)[1]
+        out[:, kinds == "noise"] = (-0.5 * squared_norm / self.empty_variance_ - self._noise_log_normaliser)[:, None]
+        if self.n_background:
+            zero, blocks = self._split(rows)
+            for column, gaussian in zip(np.flatnonzero(kinds == "background"), self._backgrounds):
+                out[:, column] = gaussian.log_density(zero, blocks)
+        out += log_weights[None]
+        if not amplitude_moments:
+            return out
+        posterior = np.exp(per_amplitude - particle_log[None]) / self.amplitudes.size  # (n_a, c, M), sums to 1 over a
+        grid = self.amplitudes[:, None, None]
+        return out, (np.sum(posterior * grid, axis=0), np.sum(posterior * grid**2, axis=0))
+
+    def log_densities(self, data) -> np.ndarray:
+        """log pi_c + log N_c(y_i) for each row of ``data`` (N, L) and every component, shape (N, C)."""
+        data = self._check_data(data, fitting=False)
+        out = np.empty((data.shape[0], len(self.component_kinds_)))
+        for start, rows in self._chunks(data):
+            out[start : start + rows.shape[0]] = self._log_densities(rows)
+        return out
+
+    def junk_log_odds(self, data) -> np.ndarray:
+        """(N,) log P(junk | y) - log P(particle | y) for each row of ``data`` (N, L)."""
+        log_dens = self.log_densities(data)
+        junk = self.junk_columns
+        particle = np.setdiff1d(np.arange(log_dens.shape[1]), junk)
+        return logsumexp_rows(log_dens[:, junk]) - logsumexp_rows(log_dens[:, particle])
+
+    def parameters(self) -> ContaminationParameters:
+        """A copy of the current parameters."""
+        return ContaminationParameters(
+            means=self.means_.copy(), components=self.components_, weights=self.weights_.copy(),
+            noise_variance=self.noise_variance_.copy(), axes=self.axes_.copy(), variances=self.variances_.copy(),
+            component_kinds=self.component_kinds_, component_weights=self.component_weights_.copy(),
+            background_spectra=self.background_spectra_.copy(), outlier_inflation=float(self.outlier_inflation or 1.0))
+
+
+def _subset(statistics: _Statistics, indices: np.ndarray) -> _Statistics:
+    """The statistics of some of the components (a view with the same attributes)."""
+    part = _Statistics.__new__(_Statistics)
+    part.layout = statistics.layout
+    part.totals = statistics.totals[indices]
+    part.zero_sums = statistics.zero_sums[indices]
+    part.zero_moments = statistics.zero_moments[indices]
+    part.energies = statistics.energies[indices]
+    part.group_moments = [moments[indices] for moments in statistics.group_moments]
+    return part
+
+
+@dataclass(frozen=True)
+class JunkLogOdds:
+    """Junk score of a :class:`ContaminationMixture`: log P(junk | y) - log P(particle | y), larger = more
+    junk-like; 0 at even odds. The junk probability is 1 / (1 + exp(-score))."""
+
+    def __call__(self, model, data) -> np.ndarray:
+        return model.junk_log_odds(data)
