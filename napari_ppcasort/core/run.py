@@ -296,7 +296,7 @@ def check_sort(particles: ParticleSet, settings: SortSettings) -> None:
     n = particles.n_particles
     if settings.target_kept_fraction is not None and np.ceil(settings.target_kept_fraction * n) >= n:
         raise SettingsError(f"{where}: {{target_kept_fraction}} {settings.target_kept_fraction:g} keeps all {n} "
-                            "images: there is nothing to remove")
+                            "images: there is nothing to remove; lower {target_kept_fraction}")
     needed = settings.n_subspaces * (settings.subspace_dimension + 1) + 2
     raise SettingsError(f"{where}: {n} images are too few to sort with {settings.n_subspaces} subspaces of dimension "
                         f"{settings.subspace_dimension} (at least {needed} are needed): lower {{n_subspaces}} or "
