@@ -92,6 +92,7 @@ class ScoreHistogram(QWidget):
         self.logarithmic = False
         self._limits_set = False
         self._dragging = False
+        self._full_draw_pending = False
         self._probability_axis = None
         self._trace_span = (0.0, 1.0)
 
@@ -112,11 +113,16 @@ class ScoreHistogram(QWidget):
         self._pruning_marks, = self.trace_axes.plot(
             [], [], linewidth=0.8, linestyle="--", animated=True,
             transform=blended_transform_factory(self.trace_axes.transData, self.trace_axes.transAxes))
+        self._trace_text = self.trace_axes.text(0.01, 0.95, "", transform=self.trace_axes.transAxes, va="top",
+                                                ha="left", fontsize="x-small", animated=True)
         self.trace_axes.set_xlabel("EM iteration (dashed: a pruning round)", fontsize="small")
         self.trace_axes.set_ylabel("log-lik.", fontsize="small")
+        # no y ticks: the trace rescales every round by a blit (its range is written on it), not a full draw
+        self.trace_axes.set_yticks([])
         self.trace_axes.tick_params(labelsize="x-small")
         self._animated = (self._kept_bars, self._rejected_bars, self._automatic_line, self._cut_line,
-                          self._counts_artist, self.axes.title, self._trace_line, self._pruning_marks)
+                          self._counts_artist, self.axes.title, self._trace_line, self._pruning_marks,
+                          self._trace_text)
         self._background = None
         self.canvas.mpl_connect("draw_event", self._on_full_draw)
         self.canvas.mpl_connect("button_press_event", self._on_press)
@@ -128,14 +134,24 @@ class ScoreHistogram(QWidget):
 
     # -- what is shown ---------------------------------------------------------------------------------
 
-    def clear(self, title: str, score_label: str | None = None) -> None:
-        """Empty the histogram and the trace (a new sort starts); the next scores choose new axis limits.
-
-        ``score_label`` is the model's name of its score (``ModelSpec.score_label``); None keeps the current one.
-        """
-        if score_label is not None and axis_label(score_label) != self.axes.get_xlabel():
+    def set_score_label(self, score_label: str) -> None:
+        """Name the x axis after the model's score (``ModelSpec.score_label``); drawn with the next full draw."""
+        if axis_label(score_label) != self.axes.get_xlabel():
             self.axes.set_xlabel(axis_label(score_label), fontsize="small")
             self._background = None  # the axis label is part of the cached background
+            self._limits_set = False
+
+    def clear(self, title: str, score_label: str | None = None, n_iterations: int | None = None) -> None:
+        """Empty the histogram and the trace (a new sort starts); the next scores choose new axis limits.
+
+        ``score_label`` is the model's name of its score (None keeps the current one); ``n_iterations`` the EM
+        iterations the trace will span (the whole sort, when known).
+        """
+        if score_label is not None:
+            self.set_score_label(score_label)
+        if n_iterations is not None:
+            self.trace_axes.set_xlim(0.5, max(n_iterations, 1) + 0.5)
+            self._background = None
         self._set_probability_axis(None, None)
         self.scores = np.empty(0)
         self.kept = np.zeros(0, dtype=bool)
@@ -152,6 +168,7 @@ class ScoreHistogram(QWidget):
         self.prunings = np.empty(0)
         self._trace_line.set_data([], [])
         self._pruning_marks.set_data([], [])
+        self._trace_text.set_text("")
         self._limits_set = False
         self._blit()
 
@@ -181,7 +198,7 @@ class ScoreHistogram(QWidget):
                 self.axes.set_xlim(low - margin, high + margin)
             self.axes.set_ylim(0, max(1, self.counts.max()) * Y_MARGIN)
             self._limits_set = True
-            self.canvas.draw()
+            self._full_draw()
         else:
             self._blit()
 
@@ -190,9 +207,11 @@ class ScoreHistogram(QWidget):
         self._set_kept(kept, cut)
         self._blit()
 
-    def show_trace(self, log_likelihood: np.ndarray, prunings, n_iterations: int | None = None) -> None:
+    def show_trace(self, log_likelihood: np.ndarray, prunings, n_iterations: int | None = None, *,
+                   refresh: bool = True) -> None:
         """The mean log-likelihood per image before each EM iteration, with dashed marks at the ``prunings``
-        (EM iteration counts); ``n_iterations`` fixes the x range (the length of the whole sort, when known)."""
+        (EM iteration counts); the x range spans ``n_iterations`` (default: as set by :meth:`clear`, or the trace's
+        length when it is longer). ``refresh=False`` leaves the drawing to the next show_scores."""
         self.log_likelihood = np.asarray(log_likelihood, dtype=np.float64)
         self.prunings = np.asarray(prunings, dtype=np.float64)
         iterations = np.arange(1, self.log_likelihood.size + 1)
@@ -201,15 +220,16 @@ class ScoreHistogram(QWidget):
         y = np.tile([0.0, 1.0, np.nan], self.prunings.size)
         self._pruning_marks.set_data(x, y)
         finite = self.log_likelihood[np.isfinite(self.log_likelihood)]
-        span = max(n_iterations or 0, self.log_likelihood.size, 1)
         low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-        bottom, top = self.trace_axes.get_ylim()
-        if (0.5, span + 0.5) != self.trace_axes.get_xlim() or low < bottom or high > top:
-            pad = max(high - low, abs(high) * 1e-3, 1e-9) * 0.15
+        pad = max(high - low, abs(high) * 1e-3, 1e-9) * 0.15
+        self.trace_axes.set_ylim(low - pad, high + pad)  # no y ticks: nothing in the background changes
+        self._trace_text.set_text(f"{finite[0]:.6g} \u2192 {finite[-1]:.6g} per image" if finite.size else "")
+        span = max(n_iterations or 0, self.log_likelihood.size)
+        if span and (0.5, span + 0.5) != tuple(self.trace_axes.get_xlim()) and \
+                (n_iterations is not None or span + 0.5 > self.trace_axes.get_xlim()[1]):
             self.trace_axes.set_xlim(0.5, span + 0.5)
-            self.trace_axes.set_ylim(low - pad, high + pad)
-            self.canvas.draw()
-        else:
+            self._background = None  # the x ticks are part of the background
+        if refresh:
             self._blit()
 
     # -- dragging the cut ------------------------------------------------------------------------------------
@@ -293,16 +313,25 @@ class ScoreHistogram(QWidget):
             line.set_xdata([x, x])
         line.set_visible(x is not None and bool(np.isfinite(x)))
 
+    def _full_draw(self) -> None:
+        """Redraw the whole figure at the next turn of the event loop (``draw_idle``): the caller's other updates
+        and this draw are then two short pauses of the event loop instead of one long one."""
+        self._full_draw_pending = True
+        self.canvas.draw_idle()
+
     def _on_full_draw(self, event) -> None:
         """After a full draw (which leaves out the animated artists): keep the background, add them."""
         self.n_full_draws += 1
+        self._full_draw_pending = False
         self._background = self.canvas.copy_from_bbox(self.figure.bbox)
         for artist in self._animated:
             artist.axes.draw_artist(artist)
 
     def _blit(self) -> None:
-        if self._background is None:  # nothing drawn yet: the first draw makes the background
-            self.canvas.draw()
+        if self._full_draw_pending:  # the coming full draw draws the animated artists as they are then
+            return
+        if self._background is None:  # nothing drawn yet, or the axes changed: a full draw makes the background
+            self._full_draw()
             return
         self.canvas.restore_region(self._background)
         for artist in self._animated:
@@ -333,5 +362,6 @@ class ScoreHistogram(QWidget):
         self._cut_line.set_color(text)
         self._automatic_line.set_color(text)
         self._trace_line.set_color(theme.text.as_hex())
+        self._trace_text.set_color(text)
         self._pruning_marks.set_color(theme.warning.as_hex())
         self.canvas.draw_idle()

@@ -97,6 +97,7 @@ class SortWidget(QWidget):
         self._automatic = False
         self._iterations_per_round = 1
         self._updating_review = False
+        self._trace_span = None
 
         self.form = SettingsForm(viewer)
         self.controller = RunController(N_COMPONENTS_SHOWN)
@@ -198,6 +199,7 @@ class SortWidget(QWidget):
         Returns the worker, or None (with the reason shown) when the source or a setting cannot be used.
         """
         self.controller.shutdown()
+        self._watch_window()  # docked by now: closing its window stops the sort
         try:
             particles, settings = self.form.checked()
         except (ValueError, PPCASortError) as error:
@@ -220,6 +222,7 @@ class SortWidget(QWidget):
         self.gallery.clear()
         self.class_view.clear()
         self.histogram.clear("waiting for the first pruning round", score_label(settings))
+        self._trace_span = None
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting")
         self._set_status(f"Sorting {particles.n_particles} images...")
@@ -246,6 +249,7 @@ class SortWidget(QWidget):
             self.progress.setFormat("round %v (until no outlier is left)" if event.automatic else "round %v of %m")
             rounds = "pruning until no outlier is left" if event.automatic else f"{event.n_rounds} pruning rounds"
             self._set_status(f"{event.n_particles} images, {event.n_coefficients} coefficients each: {rounds}")
+            self._trace_span = event.n_rounds * self._iterations_per_round  # an upper bound in the automatic mode
         elif isinstance(event, IterationDone):
             self._show_progress(event.round, event.iteration, event.log_likelihood, event.n_kept)
         elif isinstance(event, RoundDone):
@@ -269,10 +273,10 @@ class SortWidget(QWidget):
         self._last_round = event
         self.progress.setValue(result.round)
         kept = result.scores <= result.cut
+        self.histogram.show_trace(result.log_likelihood, self._prunings(result.round), self._trace_span,
+                                  refresh=False)  # drawn with the scores: one blit
         self.histogram.show_scores(result.scores, kept, result.cut,
                                    f"round {result.round}: scores of {result.scores.size} images")
-        self.histogram.show_trace(result.log_likelihood, self._prunings(result.round),
-                                  None if self._automatic else self._n_rounds * self._iterations_per_round)
         if event.classes is not None:
             self.class_view.show_classes(event.classes, event.components, box=event.means.shape[-1],
                                          pixel_size=self._sorted_pixel_size(event.means.shape[-1]),
@@ -344,11 +348,12 @@ class SortWidget(QWidget):
         kept = curation.kept_mask()
         columns = particle_columns(result, kept)
         probability = columns.get(JUNK_PROBABILITY_COLUMN)
-        self.histogram.clear(f"final scores of all {result.final.n_total} images", score_label(result.settings))
+        self.histogram.set_score_label(score_label(result.settings))
+        self.histogram.show_trace(result.final.log_likelihood, self._prunings(result.final.round),
+                                  result.final.log_likelihood.size, refresh=False)
         self.histogram.show_scores(result.scores, kept, curation.threshold,
                                    f"final scores of all {result.final.n_total} images (dotted: the sort's cut)",
                                    automatic_cut=curation.automatic_cut, probability=probability)
-        self.histogram.show_trace(result.final.log_likelihood, self._prunings(result.final.round))
         if self.classes_shown is not None:
             box = self.classes_shown.averages.shape[-1]
             particles = result.particles

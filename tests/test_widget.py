@@ -620,3 +620,12 @@ def test_run_sort_reports_bad_input_and_stops_when_cancelled(sample_layer):
     cancel = threading.Event()
     cancel.set()
     assert list(run_sort(particles, SortSettings(n_coefficients=40, total_dimension=12), cancel)) == []
+
+
+def test_the_qt_binding_is_the_one_the_environment_asks_for(qtbot):
+    import os
+
+    import qtpy
+
+    # CI runs these tests twice: PyQt5 (the README's environment) and PyQt6 (QT_API=pyqt6)
+    assert qtpy.API_NAME.lower() == os.environ.get("QT_API", "pyqt5").lower()

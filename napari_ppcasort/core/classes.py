@@ -143,11 +143,13 @@ def aligned_average(coefficients: np.ndarray, basis, *, iterations: int = ALIGN_
     reference = rows[0] if reference is None else np.asarray(reference, dtype=np.float64)
     average = reference
     angle_index = np.arange(n_angles)
+    # C_N = sum of the pair products of frequency N: a product with the (P, K) one-hot matrix of the frequencies
+    # (a BLAS call, which lets a GUI thread run meanwhile)
+    by_frequency = np.zeros((frequencies.size, n_angles))
+    by_frequency[np.arange(frequencies.size), frequencies] = 1.0
     for _ in range(max(1, iterations)):
         reference_pairs = average[cosines] + 1j * average[sines]
-        spectrum = np.zeros((rows.shape[0], n_angles), dtype=np.complex128)
-        # C_N: the products of the pairs of each frequency, summed (np.add.at over the pair columns)
-        np.add.at(spectrum.T, frequencies, (pairs * np.conj(reference_pairs)).T)
+        spectrum = (pairs * np.conj(reference_pairs)) @ by_frequency
         correlation = np.fft.fft(spectrum, axis=1).real  # (n, K): rotation by 2 pi k / K
         best = np.argmax(correlation, axis=1)
         phases = np.exp(-2j * np.pi * np.outer(angle_index[best], frequencies) / n_angles)
