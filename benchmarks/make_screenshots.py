@@ -54,6 +54,7 @@ def main() -> None:
     dock, widget = viewer.window.add_plugin_dock_widget("napari-ppcasort", "Sort particles")
     window.resizeDocks([dock], [800], Qt.Orientation.Horizontal)
     settle(1.0)
+    viewer.reset_view()  # the particle fills the canvas left by the dock
 
     shots = {}
 
@@ -88,15 +89,15 @@ def main() -> None:
         ratio = histogram.canvas.device_pixel_ratio
         return QPoint(int(round(x / ratio)), int(round(histogram.canvas.height() - y / ratio)))
 
-    from pytestqt.qtbot import QtBot  # mouse events as a user makes them
+    from qtpy.QtTest import QTest  # mouse events as a user makes them
 
-    bot = QtBot(None)
-    bot.mousePress(histogram.canvas, Qt.MouseButton.LeftButton, pos=pixel(widget.score_threshold))
+    no_key = Qt.KeyboardModifier.NoModifier
+    QTest.mousePress(histogram.canvas, Qt.MouseButton.LeftButton, no_key, pixel(widget.score_threshold))
     target = float(scores[int(0.6 * scores.size)])
     for score in np.linspace(widget.score_threshold, target, 10):
-        bot.mouseMove(histogram.canvas, pixel(score))
+        QTest.mouseMove(histogram.canvas, pixel(score))
         settle(0.05)
-    bot.mouseRelease(histogram.canvas, Qt.MouseButton.LeftButton, pos=pixel(target))
+    QTest.mouseRelease(histogram.canvas, Qt.MouseButton.LeftButton, no_key, pixel(target))
     widget.tabs.setCurrentIndex(2)
     settle(3.0)
     viewer.screenshot(str(OUT / "histogram_dragged_cut.png"), canvas_only=False)

@@ -19,7 +19,7 @@ import collections
 import threading
 
 import numpy as np
-from qtpy.QtCore import QAbstractListModel, QModelIndex, QObject, QRect, QSize, Qt, Signal
+from qtpy.QtCore import QAbstractListModel, QModelIndex, QObject, QRect, QSize, Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QImage, QPainter, QPen
 from qtpy.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListView, QStyle, QStyledItemDelegate, QVBoxLayout,
                             QWidget)
@@ -361,10 +361,19 @@ class ParticleGallery(QWidget):
             order = self._by_score[start:self._cut_rank + NEAR_CUT_TILES]
         self.model.set_order(order)
         self._update_summary()
-        if mode == NEAR_CUT and order.size:
-            # the first rejected tile, in view
-            row = min(self._cut_rank - max(0, self._cut_rank - NEAR_CUT_TILES), order.size - 1)
-            self.view.scrollTo(self.model.index(row), QListView.ScrollHint.PositionAtCenter)
+        self.scroll_to_cut()
+
+    def scroll_to_cut(self) -> None:
+        """In the "near the cut" view, bring the first tile past the cut to the middle of the view."""
+        if self.mode.currentText() != NEAR_CUT or self.model.order.size == 0:
+            return
+        row = min(self._cut_rank - max(0, self._cut_rank - NEAR_CUT_TILES), self.model.order.size - 1)
+        self.view.scrollTo(self.model.index(row), QListView.ScrollHint.PositionAtCenter)
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        # a view laid out while hidden (another tab) scrolled with the wrong size: scroll again once shown
+        QTimer.singleShot(0, self.scroll_to_cut)
 
     def _update_summary(self) -> None:
         model = self.model

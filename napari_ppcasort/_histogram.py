@@ -29,6 +29,8 @@ from .core.report import score_bin_edges
 __all__ = ["ScoreHistogram", "KEPT_COLOUR", "REJECTED_COLOUR", "axis_label"]
 
 N_BINS = 60
+#: The bins span the 0.5th to the 99.5th percentile of the scores (and the cuts); the rest go to the end bins.
+TAIL = 0.005
 #: Room left around the first histogram of a sort, so that later rounds usually fit the same axes.
 X_MARGIN = 1.5
 Y_MARGIN = 1.3
@@ -102,8 +104,11 @@ class ScoreHistogram(QWidget):
                                                animated=True, color=REJECTED_COLOUR, label="rejected")
         self._cut_line = self.axes.axvline(1.0, linewidth=2, visible=False, animated=True)
         self._automatic_line = self.axes.axvline(1.0, linewidth=1, linestyle=":", visible=False, animated=True)
-        self._counts_artist = self.axes.text(0.01, 0.97, "", transform=self.axes.transAxes, va="top", ha="left",
-                                             fontsize="small", animated=True)
+        self._kept_text = self.axes.text(0.01, 0.97, "", transform=self.axes.transAxes, va="top", ha="left",
+                                         fontsize="small", animated=True, color=KEPT_COLOUR, fontweight="bold")
+        self._rejected_text = self.axes.text(0.99, 0.97, "", transform=self.axes.transAxes, va="top", ha="right",
+                                             fontsize="small", animated=True, color=REJECTED_COLOUR,
+                                             fontweight="bold")
         self.axes.set_xlim(0.0, 1.0)
         self.axes.set_xlabel(axis_label("junk score"), fontsize="small")
         self.axes.set_ylabel("images")
@@ -121,14 +126,16 @@ class ScoreHistogram(QWidget):
         self.trace_axes.set_yticks([])
         self.trace_axes.tick_params(labelsize="x-small")
         self._animated = (self._kept_bars, self._rejected_bars, self._automatic_line, self._cut_line,
-                          self._counts_artist, self.axes.title, self._trace_line, self._pruning_marks,
+                          self._kept_text, self._rejected_text, self.axes.title, self._trace_line, self._pruning_marks,
                           self._trace_text)
         self._background = None
         self.canvas.mpl_connect("draw_event", self._on_full_draw)
         self.canvas.mpl_connect("button_press_event", self._on_press)
         self.canvas.mpl_connect("motion_notify_event", self._on_motion)
         self.canvas.mpl_connect("button_release_event", self._on_release)
-        self.canvas.setToolTip("drag on the histogram to move the cut: the particles left of it are kept")
+        self.canvas.setToolTip("drag on the histogram to move the cut: the particles left of it are kept (blue), "
+                               "the others rejected (orange); the dotted line is the sort's own cut; the scores "
+                               "beyond the 0.5th and 99.5th percentiles are counted in the end bins")
         self._apply_theme()
         viewer.events.theme.connect(self._apply_theme)
 
@@ -162,7 +169,8 @@ class ScoreHistogram(QWidget):
         self.automatic_cut = None
         self._move_cut(None)
         self.counts_text = ""
-        self._counts_artist.set_text("")
+        self._kept_text.set_text("")
+        self._rejected_text.set_text("")
         self.axes.title.set_text(title)
         self.log_likelihood = np.empty(0)
         self.prunings = np.empty(0)
@@ -180,7 +188,7 @@ class ScoreHistogram(QWidget):
         particles (a model that gives them), read on a second axis on top.
         """
         self.scores = np.asarray(scores, dtype=np.float64)
-        self.edges, logarithmic = score_bin_edges(self.scores, N_BINS)
+        self.edges, logarithmic = score_bin_edges(self.scores, N_BINS, tail=TAIL, include=(cut, automatic_cut))
         self.axes.title.set_text(title)
         self.automatic_cut = None if automatic_cut is None else float(automatic_cut)
         self._move_line(self._automatic_line, self.automatic_cut)
@@ -264,7 +272,8 @@ class ScoreHistogram(QWidget):
         self._move_cut(cut)
         n_kept = int(self.kept.sum())
         self.counts_text = f"{n_kept} kept | {self.kept.size - n_kept} rejected" if self.kept.size else ""
-        self._counts_artist.set_text(self.counts_text)
+        self._kept_text.set_text(f"{n_kept} kept" if self.kept.size else "")
+        self._rejected_text.set_text(f"{self.kept.size - n_kept} rejected" if self.kept.size else "")
 
     def _draw_bars(self) -> None:
         self._kept_bars.set_data(self.kept_counts, self.edges, baseline=0)
@@ -358,7 +367,6 @@ class ScoreHistogram(QWidget):
         if self._probability_axis is not None:
             self._apply_theme_to(self._probability_axis)
         self.axes.title.set_color(text)
-        self._counts_artist.set_color(text)
         self._cut_line.set_color(text)
         self._automatic_line.set_color(text)
         self._trace_line.set_color(theme.text.as_hex())
