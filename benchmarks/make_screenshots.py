@@ -84,20 +84,20 @@ def main() -> None:
     histogram = widget.histogram
     scores = np.sort(widget.scores)
 
+    y = int(histogram.plot_rect().center().y())
+
     def pixel(score):
-        x, y = histogram.axes.transData.transform((score, 0.5 * histogram.axes.get_ylim()[1]))
-        ratio = histogram.canvas.device_pixel_ratio
-        return QPoint(int(round(x / ratio)), int(round(histogram.canvas.height() - y / ratio)))
+        return QPoint(int(round(histogram.pixel_of(score))), y)
 
     from qtpy.QtTest import QTest  # mouse events as a user makes them
 
     no_key = Qt.KeyboardModifier.NoModifier
-    QTest.mousePress(histogram.canvas, Qt.MouseButton.LeftButton, no_key, pixel(widget.score_threshold))
+    QTest.mousePress(histogram, Qt.MouseButton.LeftButton, no_key, pixel(widget.score_threshold))
     target = float(scores[int(0.6 * scores.size)])
     for score in np.linspace(widget.score_threshold, target, 10):
-        QTest.mouseMove(histogram.canvas, pixel(score))
+        QTest.mouseMove(histogram, pixel(score))
         settle(0.05)
-    QTest.mouseRelease(histogram.canvas, Qt.MouseButton.LeftButton, no_key, pixel(target))
+    QTest.mouseRelease(histogram, Qt.MouseButton.LeftButton, no_key, pixel(target))
     widget.tabs.setCurrentIndex(2)
     settle(3.0)
     viewer.screenshot(str(OUT / "histogram_dragged_cut.png"), canvas_only=False)

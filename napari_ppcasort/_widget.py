@@ -273,8 +273,7 @@ class SortWidget(QWidget):
         self._last_round = event
         self.progress.setValue(result.round)
         kept = result.scores <= result.cut
-        self.histogram.show_trace(result.log_likelihood, self._prunings(result.round), self._trace_span,
-                                  refresh=False)  # drawn with the scores: one blit
+        self.histogram.show_trace(result.log_likelihood, self._prunings(result.round), self._trace_span)
         self.histogram.show_scores(result.scores, kept, result.cut,
                                    f"round {result.round}: scores of {result.scores.size} images")
         if event.classes is not None:
@@ -350,7 +349,7 @@ class SortWidget(QWidget):
         probability = columns.get(JUNK_PROBABILITY_COLUMN)
         self.histogram.set_score_label(score_label(result.settings))
         self.histogram.show_trace(result.final.log_likelihood, self._prunings(result.final.round),
-                                  result.final.log_likelihood.size, refresh=False)
+                                  result.final.log_likelihood.size)
         self.histogram.show_scores(result.scores, kept, curation.threshold,
                                    f"final scores of all {result.final.n_total} images (dotted: the sort's cut)",
                                    automatic_cut=curation.automatic_cut, probability=probability)

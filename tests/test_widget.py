@@ -13,7 +13,7 @@ from qtpy.QtCore import QPoint, Qt
 from napari_ppcasort import _widget
 from napari_ppcasort._classes import KEEP_ALL, REJECT_ALL
 from napari_ppcasort._gallery import BEST_FIRST, NEAR_CUT, NEAR_CUT_TILES, WORST_FIRST
-from napari_ppcasort._histogram import axis_label
+from napari_ppcasort._histogram import KEPT_COLOUR, REJECTED_COLOUR, axis_label
 from napari_ppcasort._sample_data import SAMPLE_NAME, make_sample_data
 from napari_ppcasort._settings_form import FILE_SOURCE, STOP_AUTOMATIC
 from napari_ppcasort._widget import SortWidget
@@ -96,7 +96,7 @@ def wait_for_iterations(qtbot, worker, count):
 
 def screen_state(widget):
     """Everything the review shows, to compare before and after a run that did not succeed."""
-    return (widget.histogram.scores.copy(), widget.histogram.kept.copy(), widget.histogram.axes.title.get_text(),
+    return (widget.histogram.scores.copy(), widget.histogram.kept.copy(), widget.histogram.title,
             widget.review.counts.value, widget.gallery.order.copy(), widget.gallery.frames().copy(),
             widget.review.threshold.enabled)
 
@@ -246,8 +246,8 @@ def test_run_on_sample_updates_classes_and_histogram_once_per_round(qtbot, sampl
     assert widget.histogram.counts.sum() == 2000
     assert widget.histogram.kept_counts.sum() == widget.kept_mask.sum()
     assert widget.histogram.counts_text == f"{widget.kept_mask.sum()} kept | {2000 - widget.kept_mask.sum()} rejected"
-    assert widget.histogram.axes.get_xlabel() == axis_label(score_label(widget.form.settings()))
-    assert "junk-like \u2192" in widget.histogram.axes.get_xlabel()
+    assert widget.histogram.x_label == axis_label(score_label(widget.form.settings()))
+    assert "junk-like \u2192" in widget.histogram.x_label
     np.testing.assert_array_equal(widget.histogram.prunings, [2, 4, 6])
     assert widget.classes_shown.counts.sum() == 2000 and widget.class_view.decisions[0].isEnabled()
     assert "round 3/3" in widget.status.text() or widget.status.text().startswith("Done: kept")
@@ -284,20 +284,16 @@ def test_dragging_the_cut_and_moving_the_slider_agree(qtbot, sample_widget):
     run_to_end(qtbot, widget)
     histogram, slider, scores = widget.histogram, widget.review.threshold, widget.scores
     widget.tabs.setCurrentIndex(2)
-    qtbot.waitUntil(lambda: histogram.n_full_draws > 0)
     target = float(np.quantile(scores, 0.3))
+    y = int(histogram.plot_rect().center().y())
 
     def pixel(score):
-        x, y = histogram.axes.transData.transform((score, 0.5 * histogram.axes.get_ylim()[1]))
-        ratio = histogram.canvas.device_pixel_ratio
-        return QPoint(int(round(x / ratio)), int(round(histogram.canvas.height() - y / ratio)))
+        return QPoint(int(round(histogram.pixel_of(score))), y)
 
-    start = pixel(float(np.median(scores)))
-    qtbot.mousePress(histogram.canvas, Qt.MouseButton.LeftButton, pos=start)
-    qtbot.mouseMove(histogram.canvas, pixel(target))
-    qtbot.mouseRelease(histogram.canvas, Qt.MouseButton.LeftButton, pos=pixel(target))
-    dropped = histogram.axes.transData.inverted().transform(
-        (pixel(target).x() * histogram.canvas.device_pixel_ratio, 0))[0]
+    qtbot.mousePress(histogram, Qt.MouseButton.LeftButton, pos=pixel(float(np.median(scores))))
+    qtbot.mouseMove(histogram, pixel(target))
+    qtbot.mouseRelease(histogram, Qt.MouseButton.LeftButton, pos=pixel(target))
+    dropped = histogram.score_at(pixel(target).x())
     expected = int(np.searchsorted(np.sort(scores), dropped, side="right"))
     assert abs(expected - int((scores <= target).sum())) <= 30  # a pixel is a few images wide
     assert slider.value == expected
@@ -310,6 +306,17 @@ def test_dragging_the_cut_and_moving_the_slider_agree(qtbot, sample_widget):
         assert histogram.cut == np.sort(scores)[keep - 1] == widget.score_threshold
         assert histogram.kept_counts.sum() == keep
         assert widget.gallery.frames().sum() == widget.kept_mask[widget.gallery.order].sum()
+    # the bars are painted in two colours: a bin of kept particles blue, one of rejected particles orange
+    slider.value = 1000
+    image = histogram.grab().toImage()
+    ratio = image.devicePixelRatio()
+    bottom = histogram.plot_rect().bottom() - 2
+    for colour, mask in ((KEPT_COLOUR, histogram.kept_counts == histogram.counts),
+                         (REJECTED_COLOUR, histogram.kept_counts == 0)):
+        full = np.flatnonzero(mask & (histogram.counts > 0.2 * histogram.counts.max()))
+        middle = 0.5 * (histogram.edges[full[0]] + histogram.edges[full[0] + 1])
+        pixel_colour = image.pixelColor(int(histogram.pixel_of(middle) * ratio), int(bottom * ratio))
+        assert pixel_colour.name() == colour
 
 
 def test_a_click_on_a_tile_moves_the_particle_and_the_export_keeps_it(qtbot, sample_widget, tmp_path, errors):
@@ -400,8 +407,9 @@ def test_a_junk_probability_column_shows_in_tooltips_and_on_the_histogram(qtbot,
     particle = int(np.argmax(widget.scores))
     expected = 1 / (1 + np.exp(-widget.scores[particle]))
     assert f"junk probability {expected:.3f}" in widget.gallery.model.tooltip(particle)
-    axis = widget.histogram._probability_axis
-    assert axis is not None and axis.get_xlabel() == "junk probability"
+    ticks = dict((p, score) for score, p in widget.histogram.probability_ticks)
+    assert ticks[0.5] == pytest.approx(0.0, abs=0.5)  # the log-odds 0 is probability 0.5 on the top axis
+    assert ticks[0.9] == pytest.approx(np.log(9), abs=0.5)
 
 
 # -- state: the source, cancel, errors ----------------------------------------------------------------------------
@@ -479,7 +487,7 @@ def test_cancel_and_failure_without_a_previous_result_leave_nothing_on_screen(qt
     assert widget.status.text().startswith("Failed:")
     assert widget.result is None and widget.kept_mask is None
     assert widget.review.counts.value == "-" and widget.histogram.scores.size == 0
-    assert widget.histogram.axes.title.get_text() == "no sort yet" and widget.gallery.model.rowCount() == 0
+    assert widget.histogram.title == "no sort yet" and widget.gallery.model.rowCount() == 0
     assert not widget.review.threshold.enabled and not widget.review.export_button.enabled
 
 
@@ -574,7 +582,7 @@ def test_paper_model_runs_with_its_sorting_factor_on_a_log_axis(qtbot, sample_wi
     final = widget.result.final
     np.testing.assert_array_equal(widget.histogram.scores, final.final_scores)
     assert (final.final_scores > 0).all() and widget.histogram.logarithmic
-    assert widget.histogram.axes.get_xlabel() == axis_label("junk score (sorting factor)")
+    assert widget.histogram.x_label == axis_label("junk score (sorting factor)")
     assert not widget.classes_shown.aligned and "not aligned" in widget.class_view.header.text()
 
 
