@@ -141,7 +141,7 @@ def measure_review(app, widget, ticks: list[float]) -> None:
     widget.tabs.setCurrentIndex(2)
     settle(0.5)
     for keep in np.linspace(0.5 * n, 0.95 * n, 20).astype(int):  # the slider, step by step
-        widget.review.threshold.value = int(keep)
+        widget.review.panel.threshold.value = int(keep)
         settle(0.05)
     scores = np.sort(widget.scores)
     for score in np.linspace(scores[n // 2], scores[int(0.9 * n)], 30):  # the cut dragged on the histogram

@@ -101,7 +101,7 @@ def main() -> None:
     widget.tabs.setCurrentIndex(2)
     settle(3.0)
     viewer.screenshot(str(OUT / "histogram_dragged_cut.png"), canvas_only=False)
-    print("dragged:", widget.review.counts.value)
+    print("dragged:", widget.review.panel.counts.value)
     viewer.close()
 
 

@@ -116,6 +116,13 @@ class ClassView(QWidget):
             box.setCurrentText(BY_SCORE)
             box.blockSignals(False)
 
+    def set_decision(self, component: int, decision: str) -> None:
+        """Show ``decision`` for ``component`` without announcing it (restoring a curation)."""
+        box = self.decisions[component]
+        box.blockSignals(True)
+        box.setCurrentText(decision)
+        box.blockSignals(False)
+
     def set_decisions_enabled(self, enabled: bool) -> None:
         for box in self.decisions:
             box.setEnabled(enabled)

@@ -11,8 +11,8 @@ It composes parts with one job each:
   side of the cut; a click moves it across;
 * :class:`~napari_ppcasort._histogram.ScoreHistogram`: kept and rejected scores, the cut dragged on it, the
   log-likelihood trace;
-* :class:`~napari_ppcasort._review.ReviewPanel` and :class:`~napari_ppcasort._review.Curation`: the cut as a
-  count, the counts, undo, Export.
+* :class:`~napari_ppcasort._review.ReviewController` (with its ReviewPanel and the Curation): the result in
+  every view, the cut as a count, the counts, undo, Export.
 
 What is on screen always belongs to one result: while a sort runs its rounds are shown; when it succeeds its
 result replaces the previous one; when it is cancelled or fails the previous result (if any) comes back,
@@ -26,37 +26,27 @@ worker), and after a run :attr:`SortWidget.result`, :attr:`SortWidget.kept_mask`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import napari
 import numpy as np
-from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal
-from qtpy.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QScrollArea,
-                            QSizePolicy, QTabWidget, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea, QSizePolicy, QTabWidget,
+                            QVBoxLayout, QWidget)
 
 from ._classes import ClassView
 from ._controller import CANCELLED, DONE, FAILED, RunController
 from ._gallery import ParticleGallery
 from ._histogram import ScoreHistogram
-from ._reader import ParticleStack
-from ._review import Curation, ReviewPanel
+from ._review import ReviewController
 from ._settings_form import SettingsForm, particle_layer
-from ._worker import CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortFinished, SortStarted, widget_name
+from ._worker import CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortFinished, SortStarted
 from .core.errors import PPCASortError
 from .core.models import score_label
-from .core.results import existing_results, particle_columns
-from .core.simulate import LABEL_NAMES
 
-__all__ = ["SortWidget", "N_COMPONENTS_SHOWN", "TRUE_LABEL_COLUMN", "JUNK_PROBABILITY_COLUMN"]
+__all__ = ["SortWidget", "N_COMPONENTS_SHOWN"]
 
 #: Components of each class shown in the class view.
 N_COMPONENTS_SHOWN = 4
-#: The column of a particle table with the true class of simulated data (core.simulate.LABEL_NAMES codes).
-TRUE_LABEL_COLUMN = "ppcasortTrueLabel"
-#: The per-particle output (core.results.COLUMNS) of a model that gives each image a junk probability.
-JUNK_PROBABILITY_COLUMN = "junk_probability"
 SETTINGS_TAB, CLASSES_TAB, PARTICLES_TAB = "Settings", "Classes", "Particles"
 
 
@@ -69,10 +59,8 @@ class SortWidget(QWidget):
         exported(dict): an export finished; the paths written (see core.run.SortResult.export).
 
     Attributes:
-        result: the SortResult of the last successful run (None before one); it stays until the next run succeeds.
-        curation: the user's selection on it (core of the review: cut, class decisions, particles clicked).
-        classes_shown: the ClassViews of that result.
         n_round_updates: pruning rounds shown, over all runs.
+        form, controller, class_view, gallery, histogram, review: the parts (see the module docstring).
     """
 
     round_updated = Signal(object)
@@ -83,20 +71,13 @@ class SortWidget(QWidget):
         super().__init__()
         self.viewer = viewer
         self.n_round_updates = 0
-        self.result = None
-        self.curation: Curation | None = None
-        self.classes_shown = None
-        self._components = None  # (M, n, box, box) components of the shown result
         self._run_particles = None
-        self._run_settings = None
         self._run_layer = None  # the layer the running sort reads (to show a clicked particle in it)
-        self._result_layer = None
         self._pending = None  # (SortResult, ClassViews, components) of the running sort, once it finished
         self._last_round = None
         self._n_rounds = self._n_particles = 0
         self._automatic = False
         self._iterations_per_round = 1
-        self._updating_review = False
         self._trace_span = None
 
         self.form = SettingsForm(viewer)
@@ -120,16 +101,11 @@ class SortWidget(QWidget):
         self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
 
         self.class_view = ClassView()
-        self.class_view.decision_changed.connect(self._on_class_decision)
         self.gallery = ParticleGallery()
-        self.gallery.particle_clicked.connect(self._on_particle_clicked)
         self.histogram = ScoreHistogram(viewer, self)
-        self.histogram.cut_dragged.connect(self._on_cut_dragged)
-        self.histogram.cut_dropped.connect(self._on_cut_dragged)
-        self.review = ReviewPanel()
-        self.review.threshold.changed.connect(self._on_keep_best_changed)
-        self.review.undo.changed.connect(self._on_undo)
-        self.review.export_button.changed.connect(self._on_export_clicked)
+        self.review = ReviewController(viewer, self.histogram, self.class_view, self.gallery, self)
+        self.review.status.connect(self._set_status)
+        self.review.exported.connect(self.exported.emit)
 
         form_scroll = QScrollArea()
         form_scroll.setWidgetResizable(True)
@@ -147,13 +123,28 @@ class SortWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.tabs, stretch=3)
         layout.addWidget(self.histogram, stretch=2)
-        layout.addWidget(self.review.native)
+        layout.addWidget(self.review.panel.native)
 
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
         self.destroyed.connect(_stopper(self.gallery.loader))
 
     # -- public state ------------------------------------------------------------------------------------------
+
+    @property
+    def result(self):
+        """The SortResult of the last successful run (None before one); it stays until the next run succeeds."""
+        return self.review.result
+
+    @property
+    def curation(self):
+        """The user's selection on the result (cut, class decisions, particles clicked): a _review.Curation."""
+        return self.review.curation
+
+    @property
+    def classes_shown(self):
+        """The ClassViews of the result (None before a run)."""
+        return self.review.classes
 
     @property
     def scores(self) -> np.ndarray | None:
@@ -185,8 +176,8 @@ class SortWidget(QWidget):
 
     def _on_layer_removed(self, event=None) -> None:
         self.form.refresh_sources()
-        if event is not None and event.value is self._result_layer:
-            self._result_layer = None
+        if event is not None:
+            self.review.forget_layer(event.value)
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -206,9 +197,9 @@ class SortWidget(QWidget):
             message = str(error)
             show_error(message)
             self._set_status(f"Not started: {message}")
-            self._show_result()  # the previous result, whole
+            self.review.show()  # the previous result, whole
             return None
-        self._run_particles, self._run_settings = particles, settings
+        self._run_particles = particles
         layer = self.form.source.value
         self._run_layer = layer if layer is not None and not isinstance(layer, str) else None
         self._pending = None
@@ -218,7 +209,6 @@ class SortWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.review.set_enabled(False)
-        self.review.counts.value = "-"
         self.gallery.clear()
         self.class_view.clear()
         self.histogram.clear("waiting for the first pruning round", score_label(settings))
@@ -291,19 +281,16 @@ class SortWidget(QWidget):
         self.progress.setRange(0, 1)
         if outcome == DONE and self._pending is not None:
             result, classes, components = self._pending
-            self.result, self.classes_shown, self._components = result, classes, components
-            self.curation = Curation(result, None if classes is None else classes.assignment)
-            self._result_layer = self._run_layer
             self.progress.setValue(1)
             self.progress.setFormat(f"done: {result.final.round} rounds")
-            self._show_result()
+            self.review.set_result(result, classes, components, self._run_layer)
             self._set_status(f"Done: kept {result.n_kept} of {result.final.n_total} images after "
                              f"{result.final.round} rounds; move the cut, decide classes, click particles, Export")
         else:
             outcome = CANCELLED if outcome == DONE else outcome  # ended without a result: stopped
             self.progress.setValue(0)
             self.progress.setFormat(outcome)
-            self._show_result()
+            self.review.show()  # the previous result, whole, or nothing
             previous = "" if self.result is None else " The previous result is shown."
             if outcome == FAILED:
                 show_error(self.controller.message)
@@ -316,8 +303,8 @@ class SortWidget(QWidget):
         return self._iterations_per_round * np.arange(1, n_rounds + 1)
 
     def _sorted_pixel_size(self, sorted_box: int) -> float | None:
-        """Angstrom per pixel of the sorted (Fourier-cropped) images of the running or shown sort."""
-        particles = self._run_particles if self._run_particles is not None else getattr(self.result, "particles", None)
+        """Angstrom per pixel of the sorted (Fourier-cropped) images of the running sort."""
+        particles = self._run_particles
         if particles is None or not particles.pixel_size:
             return None
         return particles.pixel_size * particles.box_size / sorted_box
@@ -332,111 +319,7 @@ class SortWidget(QWidget):
         self.status.setText(text)
         self.status.setToolTip(text)  # the whole text when the line is cut
 
-    # -- the result and its review -----------------------------------------------------------------------------
-
-    def _show_result(self) -> None:
-        """Show the current result in every view (histogram, trace, classes, gallery, review), or nothing."""
-        result, curation = self.result, self.curation
-        if result is None:
-            self.histogram.clear("no sort yet")
-            self.class_view.clear()
-            self.gallery.clear()
-            self.review.set_enabled(False)
-            self.review.counts.value = "-"
-            return
-        kept = curation.kept_mask()
-        columns = particle_columns(result, kept)
-        probability = columns.get(JUNK_PROBABILITY_COLUMN)
-        self.histogram.set_score_label(score_label(result.settings))
-        self.histogram.show_trace(result.final.log_likelihood, self._prunings(result.final.round),
-                                  result.final.log_likelihood.size)
-        self.histogram.show_scores(result.scores, kept, curation.threshold,
-                                   f"final scores of all {result.final.n_total} images (dotted: the sort's cut)",
-                                   automatic_cut=curation.automatic_cut, probability=probability)
-        if self.classes_shown is not None:
-            box = self.classes_shown.averages.shape[-1]
-            particles = result.particles
-            pixel_size = particles.pixel_size * particles.box_size / box if particles.pixel_size else None
-            self.class_view.show_classes(self.classes_shown, self._components, box=box, pixel_size=pixel_size,
-                                         decisions_enabled=True)
-            self.class_view.reset_decisions()
-            for component, keep in curation.class_decisions.items():
-                self.class_view.decisions[component].blockSignals(True)
-                self.class_view.decisions[component].setCurrentText("keep all" if keep else "reject all")
-                self.class_view.decisions[component].blockSignals(False)
-        table = getattr(result.particles, "table", None)
-        labels = table[TRUE_LABEL_COLUMN].to_numpy() if table is not None and TRUE_LABEL_COLUMN in table else None
-        self.gallery.show_particles(result.particles, result.scores, kept, curation.moved_mask(), labels=labels,
-                                    label_names=LABEL_NAMES, probability=probability,
-                                    removal_round=result.removal_round,
-                                    assignment=None if self.classes_shown is None else self.classes_shown.assignment)
-        self._updating_review = True
-        try:
-            self.review.threshold.min = 1
-            self.review.threshold.max = curation.n_particles
-            self.review.threshold.value = curation.n_best
-        finally:
-            self._updating_review = False
-        self.review.set_enabled(True)
-        self._apply_selection()
-
-    def _apply_selection(self) -> None:
-        """After the cut, a class decision or a click: every view shows the new kept set."""
-        curation = self.curation
-        kept = curation.kept_mask()
-        moved = kept != curation.base_mask()
-        self.histogram.set_selection(kept, curation.threshold)
-        self.gallery.set_selection(kept, moved)
-        if self.classes_shown is not None:
-            self.class_view.set_kept_counts(curation.kept_per_class(self.classes_shown.n_components))
-        n_kept = int(kept.sum())
-        by_hand = int(moved.sum())
-        self.review.counts.value = (f"{n_kept} kept, {kept.size - n_kept} rejected (score <= "
-                                    f"{curation.threshold:.4g}" + (f"; {by_hand} by hand or class)" if by_hand else ")"))
-        self.review.undo.enabled = bool(curation.hand or curation.class_decisions)
-
-    def _on_keep_best_changed(self, value=None) -> None:
-        if self.curation is None or self._updating_review:
-            return
-        self.curation.keep_best(int(self.review.threshold.value))
-        self._apply_selection()
-
-    def _on_cut_dragged(self, score: float) -> None:
-        if self.curation is None or not self.review.threshold.enabled:
-            return
-        self.curation.move_cut(score)
-        self._updating_review = True
-        try:
-            self.review.threshold.value = self.curation.n_best
-        finally:
-            self._updating_review = False
-        self._apply_selection()
-
-    def _on_class_decision(self, component: int, decision: str) -> None:
-        if self.curation is None or self.curation.assignment is None:
-            return
-        self.curation.decide_class(component, decision)
-        self._apply_selection()
-
-    def _on_particle_clicked(self, particle: int) -> None:
-        if self.curation is None or not self.review.threshold.enabled:
-            return
-        kept = self.curation.toggle(particle)
-        self._apply_selection()
-        self._set_status(f"particle {particle} (score {self.curation.scores[particle]:.4g}) "
-                         f"{'kept' if kept else 'rejected'} by hand")
-        layer = self._result_layer
-        if layer is not None and layer in self.viewer.layers and isinstance(layer.data, ParticleStack) \
-                and layer.data.is_whole_set:
-            self.viewer.dims.set_current_step(0, particle * layer.scale[0] + layer.translate[0])
-
-    def _on_undo(self, value=None) -> None:
-        if self.curation is not None:
-            self.curation.undo_hand_edits()
-            self.class_view.reset_decisions()
-            self._apply_selection()
-
-    # -- export --------------------------------------------------------------------------------------------------
+    # -- the result ---------------------------------------------------------------------------------------------
 
     def export(self, out_dir=None, *, force: bool = False):
         """Write the curated result (kept and rejected sets, scores.csv, report.png, parameters.json with the cut
@@ -446,47 +329,7 @@ class SortWidget(QWidget):
         user says so; ``force`` replaces them without asking. Returns the worker (None if nothing to do);
         :attr:`exported` is emitted with the written paths when it is done.
         """
-        if self.result is None or self.curation is None:
-            show_error("Nothing to export yet: run a sort first.")
-            return None
-        if out_dir is None:
-            out_dir = QFileDialog.getExistingDirectory(self, "Export the sorted particles to a folder")
-            if not out_dir:
-                return None
-            previous = existing_results(out_dir)
-            if previous and not force:
-                answer = QMessageBox.question(
-                    self, "Replace the results?", f"{out_dir} already holds results ({', '.join(previous)}). "
-                    "Replace them?", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
-                if answer != QMessageBox.StandardButton.Yes:
-                    return None
-                force = True
-        curated = self.curation.curated_result()
-        kept = curated.kept_mask
-        self.review.export_button.enabled = False
-        self._set_status(f"Exporting to {out_dir}...")
-        worker = thread_worker(_export, start_thread=False)(curated, Path(out_dir), force)
-        worker.returned.connect(_weak_call(self, "_on_exported", Path(out_dir), int(kept.sum()), int((~kept).sum())))
-        worker.finished.connect(_weak_call(self, "_on_export_finished"))
-        worker.start()
-        return worker
-
-    def _on_export_clicked(self, value=None) -> None:
-        self.export()
-
-    def _on_export_finished(self) -> None:
-        self.review.export_button.enabled = self.result is not None and not self.running
-
-    def _on_exported(self, out_dir: Path, n_kept: int, n_rejected: int, outcome) -> None:
-        if isinstance(outcome, str):
-            show_error(outcome)
-            self._set_status(f"Export failed: {outcome}")
-            return
-        message = (f"Wrote {n_kept} kept and {n_rejected} rejected particles, scores, report and parameters "
-                   f"to {out_dir}")
-        show_info(message)
-        self._set_status(message)
-        self.exported.emit(outcome)
+        return self.review.export(out_dir, force=force)
 
     # -- shutting down -------------------------------------------------------------------------------------------
 
@@ -510,28 +353,6 @@ class SortWidget(QWidget):
     def shutdown(self) -> None:
         """Cancel a running sort and wait (at most one EM iteration) until its thread has stopped."""
         self.controller.shutdown()
-
-
-def _export(result, out_dir: Path, force: bool):
-    """SortResult.export in a worker thread: the written paths, or the message of a refused or failed export."""
-    try:
-        return result.export(out_dir, force=force)
-    except PPCASortError as error:
-        return error.describe(widget_name)
-
-
-def _weak_call(owner: QObject, name: str, *bound_args):
-    """A slot calling ``owner.name(*bound_args, *args)`` that holds ``owner`` weakly (napari keeps its workers)."""
-    import weakref
-
-    reference = weakref.ref(owner)
-
-    def slot(*args):
-        widget = reference()
-        if widget is not None:
-            getattr(widget, name)(*bound_args, *args)
-
-    return slot
 
 
 def _stopper(loader):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from qtpy.QtCore import QPoint, Qt
 
-from napari_ppcasort import _widget
+from napari_ppcasort import _review, _widget
 from napari_ppcasort._classes import KEEP_ALL, REJECT_ALL
 from napari_ppcasort._gallery import BEST_FIRST, NEAR_CUT, NEAR_CUT_TILES, WORST_FIRST
 from napari_ppcasort._histogram import KEPT_COLOUR, REJECTED_COLOUR, axis_label
@@ -42,6 +42,7 @@ def errors(monkeypatch):
     """The messages the widget shows with napari's show_error."""
     shown = []
     monkeypatch.setattr(_widget, "show_error", shown.append)
+    monkeypatch.setattr(_review, "show_error", shown.append)
     return shown
 
 
@@ -97,8 +98,8 @@ def wait_for_iterations(qtbot, worker, count):
 def screen_state(widget):
     """Everything the review shows, to compare before and after a run that did not succeed."""
     return (widget.histogram.scores.copy(), widget.histogram.kept.copy(), widget.histogram.title,
-            widget.review.counts.value, widget.gallery.order.copy(), widget.gallery.frames().copy(),
-            widget.review.threshold.enabled)
+            widget.review.panel.counts.value, widget.gallery.order.copy(), widget.gallery.frames().copy(),
+            widget.review.panel.threshold.enabled)
 
 
 def assert_same_screen(before, after):
@@ -151,7 +152,7 @@ def test_every_control_has_a_tooltip_and_labels_from_the_settings_schema(make_na
         assert control.tooltip, control.label
     for button in (widget.run_button, widget.cancel_button, widget.gallery.mode):
         assert button.toolTip()
-    for control in widget.review:
+    for control in widget.review.panel:
         assert control.tooltip
     controls = {"model": form.model, "basis": form.basis, "n_subspaces": form.n_subspaces,
                 "total_dimension": form.total_dimension, "alpha": form.alpha, "iterations_per_round": form.iterations,
@@ -282,7 +283,7 @@ def test_gallery_order_is_the_score_order_and_frames_are_the_kept_mask(qtbot, sa
 def test_dragging_the_cut_and_moving_the_slider_agree(qtbot, sample_widget):
     viewer, widget = sample_widget
     run_to_end(qtbot, widget)
-    histogram, slider, scores = widget.histogram, widget.review.threshold, widget.scores
+    histogram, slider, scores = widget.histogram, widget.review.panel.threshold, widget.scores
     widget.tabs.setCurrentIndex(2)
     target = float(np.quantile(scores, 0.3))
     y = int(histogram.plot_rect().center().y())
@@ -299,7 +300,7 @@ def test_dragging_the_cut_and_moving_the_slider_agree(qtbot, sample_widget):
     assert slider.value == expected
     assert widget.score_threshold == np.sort(scores)[expected - 1] == histogram.cut
     np.testing.assert_array_equal(widget.kept_mask, scores <= widget.score_threshold)
-    assert widget.review.counts.value.startswith(f"{expected} kept, {2000 - expected} rejected")
+    assert widget.review.panel.counts.value.startswith(f"{expected} kept, {2000 - expected} rejected")
     # and the other way round: the slider moves the line on the plot
     for keep in (1, 1234, 2000):
         slider.value = keep
@@ -356,7 +357,7 @@ def test_a_click_on_a_tile_moves_the_particle_and_the_export_keeps_it(qtbot, sam
     qtbot.waitUntil(lambda: not worker.is_running)
     assert (tmp_path / "out" / "kept.mrcs").read_bytes() == old
     # undo: the cut alone decides again
-    widget.review.undo.changed.emit(True)
+    widget.review.panel.undo.changed.emit(True)
     np.testing.assert_array_equal(widget.kept_mask, before)
 
 
@@ -365,7 +366,7 @@ def test_a_class_decision_moves_exactly_its_members(qtbot, sample_widget):
     run_to_end(qtbot, widget)
     widget.tabs.setCurrentIndex(1)
     classes = widget.classes_shown
-    widget.review.threshold.value = 1500
+    widget.review.panel.threshold.value = 1500
     before = widget.kept_mask.copy()
     component = int(np.argmax([(before & (classes.assignment == m)).sum() for m in range(3)]))
     members = classes.assignment == component
@@ -427,7 +428,7 @@ def test_an_opened_star_becomes_the_source_and_the_cli_reproduces_the_export(qtb
     quick_settings(widget)
     run_to_end(qtbot, widget)
     assert "true class" in widget.gallery.model.tooltip(0)  # the simulated labels of the STAR file
-    widget.review.threshold.value = 200
+    widget.review.panel.threshold.value = 200
     widget.gallery.particle_clicked.emit(int(np.argmax(widget.scores)))  # the worst particle kept by hand
     kept = widget.kept_mask.copy()
     assert kept.sum() == 201
@@ -444,11 +445,11 @@ def test_cancel_brings_back_the_previous_result_whole(qtbot, sample_widget):
     _, widget = sample_widget
     run_to_end(qtbot, widget)
     first = widget.result
-    widget.review.threshold.value = 1600
+    widget.review.panel.threshold.value = 1600
     before = screen_state(widget)
     quick_settings(widget, rounds=200, iterations=5)
     worker = widget.run()
-    assert not widget.form.native.isEnabled() and not widget.review.threshold.enabled
+    assert not widget.form.native.isEnabled() and not widget.review.panel.threshold.enabled
     ticks = wait_for_iterations(qtbot, worker, 3)
     with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
         cancelled_at = time.monotonic()
@@ -486,9 +487,9 @@ def test_cancel_and_failure_without_a_previous_result_leave_nothing_on_screen(qt
     assert errors[-1].startswith(f"{tmp_path / 'good.mrcs'}: the PCA basis gives")
     assert widget.status.text().startswith("Failed:")
     assert widget.result is None and widget.kept_mask is None
-    assert widget.review.counts.value == "-" and widget.histogram.scores.size == 0
+    assert widget.review.panel.counts.value == "-" and widget.histogram.scores.size == 0
     assert widget.histogram.title == "no sort yet" and widget.gallery.model.rowCount() == 0
-    assert not widget.review.threshold.enabled and not widget.review.export_button.enabled
+    assert not widget.review.panel.threshold.enabled and not widget.review.panel.export_button.enabled
 
 
 def test_a_failed_run_brings_back_the_previous_result(qtbot, make_napari_viewer, sample_layer, tmp_path, errors):
@@ -637,3 +638,40 @@ def test_the_qt_binding_is_the_one_the_environment_asks_for(qtbot):
 
     # CI runs these tests twice: PyQt5 (the README's environment) and PyQt6 (QT_API=pyqt6)
     assert qtpy.API_NAME.lower() == os.environ.get("QT_API", "pyqt5").lower()
+
+
+def test_the_gallery_shows_100000_particles_reading_only_those_on_screen(qtbot):
+    from napari_ppcasort._gallery import ParticleGallery
+
+    class CountingParticles:
+        """100,000 particles of 16 px that record what is read."""
+
+        n_particles, box_size, pixel_size = 100_000, 16, None
+
+        def __init__(self):
+            self.read_count = 0
+
+        def read(self, indices):
+            self.read_count += len(indices)
+            return np.random.default_rng(len(indices)).normal(size=(len(indices), 16, 16)).astype(np.float32)
+
+    particles = CountingParticles()
+    gallery = ParticleGallery()
+    qtbot.addWidget(gallery)
+    gallery.resize(700, 500)
+    gallery.show()
+    scores = np.random.default_rng(0).normal(size=particles.n_particles)
+    kept = scores <= 1.0
+    gallery.mode.setCurrentText(BEST_FIRST)
+    gallery.show_particles(particles, scores, kept, np.zeros_like(kept))
+    assert gallery.model.rowCount() == 100_000
+    np.testing.assert_array_equal(gallery.order, np.argsort(scores, kind="stable"))
+    bar = gallery.view.verticalScrollBar()
+    qtbot.waitUntil(lambda: bar.maximum() > 0, timeout=10_000)
+    bar.setValue(bar.maximum() // 2)  # jump to the middle of the stack
+    last = int(gallery.order[-1])
+    qtbot.waitUntil(lambda: particles.read_count > 0, timeout=10_000)
+    qtbot.wait(300)
+    assert particles.read_count < 2_000  # only the tiles that were on screen
+    assert gallery.loader.thumbnail(last) is None  # never on screen: not read (now asked for)
+    gallery.close_loader()
