@@ -137,38 +137,57 @@ def measure_review(app, widget, ticks: list[float]) -> None:
 
     first_tick = len(ticks)
     started = time.perf_counter()
+    actions: list[tuple[float, str]] = []  # (time, what was done then), to name the action behind a gap
+
+    def act(what: str) -> None:
+        actions.append((time.perf_counter(), what))
+
     n = widget.curation.n_particles
+    act("Particles tab")
     widget.tabs.setCurrentIndex(2)
     settle(0.5)
     for keep in np.linspace(0.5 * n, 0.95 * n, 20).astype(int):  # the slider, step by step
+        act("slider")
         widget.review.panel.threshold.value = int(keep)
         settle(0.05)
     scores = np.sort(widget.scores)
     for score in np.linspace(scores[n // 2], scores[int(0.9 * n)], 30):  # the cut dragged on the histogram
+        act("cut dragged")
         widget.histogram.cut_dragged.emit(float(score))
         settle(0.03)
     widget.histogram.cut_dropped.emit(float(scores[int(0.8 * n)]))
     for mode in (NEAR_CUT, BEST_FIRST, WORST_FIRST):  # each view, scrolled page by page
+        act(f"gallery view {mode!r}")
         widget.gallery.mode.setCurrentText(mode)
         settle(0.2)
         bar = widget.gallery.view.verticalScrollBar()
         for value in np.linspace(0, bar.maximum(), 15).astype(int):
+            act(f"gallery scrolled ({mode})")
             bar.setValue(int(value))
             settle(0.1)
+    act(f"gallery view {NEAR_CUT!r}")
     widget.gallery.mode.setCurrentText(NEAR_CUT)
     settle(0.3)
     for row in range(5):  # tiles clicked across the cut
+        act("tile clicked")
         widget.gallery.particle_clicked.emit(int(widget.gallery.order[row]))
         settle(0.1)
+    act("Classes tab")
     widget.tabs.setCurrentIndex(1)
     settle(0.3)
     for decision in ("reject all", "keep all", "by score"):
+        act(f"class decision {decision!r}")
         widget.class_view.decisions[0].setCurrentText(decision)
         settle(0.2)
     times = np.array(ticks[first_tick:])
     gaps_ms = np.diff(times) * 1e3
     print(f"\nreview ({time.perf_counter() - started:.1f} s: slider, dragged cut, gallery scrolled in 3 views, "
           f"5 clicks, class decisions): {gap_line(gaps_ms)}")
+    action_times = np.array([moment for moment, _ in actions])
+    print("  longest gaps while reviewing (the action before each):")
+    for index in np.argsort(gaps_ms)[::-1][:5]:
+        before = max(int(np.searchsorted(action_times, times[index], side="right")) - 1, 0)
+        print(f"    {gaps_ms[index]:7.1f} ms after {actions[before][1]}")
 
 
 if __name__ == "__main__":
