@@ -175,9 +175,11 @@ def measure_review(app, widget, ticks: list[float]) -> None:
     act("Classes tab")
     widget.tabs.setCurrentIndex(1)
     settle(0.3)
-    for decision in ("reject all", "keep all", "by score"):
-        act(f"class decision {decision!r}")
-        widget.class_view.decisions[0].setCurrentText(decision)
+    decision = widget.class_view.decisions[0]
+    for button, what in ((decision.reject_button, "reject all"), (decision.keep_button, "keep all"),
+                         (decision.keep_button, "by score")):
+        act(f"class decision {what!r}")
+        button.click()
         settle(0.2)
     times = np.array(ticks[first_tick:])
     gaps_ms = np.diff(times) * 1e3

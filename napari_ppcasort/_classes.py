@@ -3,8 +3,9 @@
 A row shows the component's in-plane aligned average of its members (``core.classes``), its top components
 beside it (principal directions, by decreasing variance, signed: grey is 0), its kind (a particle class, or a
 junk component of a model that has them), its particle count, weight, mean score and how many of its members
-are kept; and a choice that decides the whole class at once: "by score" (the cut decides each member),
-"keep all" or "reject all", as Select 2D in cryoSPARC or a subset selection in RELION.
+are kept; and two buttons that decide the whole class with one click, as Select 2D in cryoSPARC or a subset
+selection in RELION: "keep all" or "reject all" its members (a second click gives the class back to the cut:
+"by score").
 
 Images are drawn at a fixed tile size whatever the box, and the header says what box they come from (the
 sorted, Fourier-cropped one), so that nothing looks bigger or sharper than it is.
@@ -15,11 +16,11 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
-from qtpy.QtWidgets import QComboBox, QGridLayout, QLabel, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from ._gallery import thumbnail_pixels
 
-__all__ = ["ClassView", "BY_SCORE", "KEEP_ALL", "REJECT_ALL", "DECISIONS"]
+__all__ = ["ClassView", "ClassDecision", "BY_SCORE", "KEEP_ALL", "REJECT_ALL", "DECISIONS"]
 
 BY_SCORE, KEEP_ALL, REJECT_ALL = "by score", "keep all", "reject all"
 DECISIONS = (BY_SCORE, KEEP_ALL, REJECT_ALL)
@@ -43,6 +44,47 @@ def _pixmap(image: np.ndarray, size: int, symmetric: bool = False) -> QPixmap:
                                            Qt.TransformationMode.SmoothTransformation))
 
 
+class ClassDecision(QWidget):
+    """Two checkable buttons, "keep all" and "reject all"; neither checked is "by score".
+
+    Signals:
+        changed(str): the user made the decision (one of DECISIONS).
+    """
+
+    changed = Signal(str)
+
+    def __init__(self, component: int, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.keep_button = QPushButton(KEEP_ALL)
+        self.reject_button = QPushButton(REJECT_ALL)
+        self.keep_button.setToolTip(f"keep every particle of class {component + 1}, whatever its score (click again: "
+                                    "the cut decides)")
+        self.reject_button.setToolTip(f"reject every particle of class {component + 1}, whatever its score (click "
+                                      "again: the cut decides)")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for button in (self.keep_button, self.reject_button):
+            button.setCheckable(True)
+            layout.addWidget(button)
+        self.keep_button.clicked.connect(lambda checked: self._on_clicked(KEEP_ALL, checked))
+        self.reject_button.clicked.connect(lambda checked: self._on_clicked(REJECT_ALL, checked))
+
+    @property
+    def decision(self) -> str:
+        if self.keep_button.isChecked():
+            return KEEP_ALL
+        return REJECT_ALL if self.reject_button.isChecked() else BY_SCORE
+
+    def set_decision(self, decision: str) -> None:
+        """Show ``decision`` without announcing it."""
+        self.keep_button.setChecked(decision == KEEP_ALL)
+        self.reject_button.setChecked(decision == REJECT_ALL)
+
+    def _on_clicked(self, decision: str, checked: bool) -> None:
+        self.set_decision(decision if checked else BY_SCORE)
+        self.changed.emit(self.decision)
+
+
 class ClassView(QWidget):
     """Rows of classes with their averages, components, numbers and a whole-class decision.
 
@@ -50,7 +92,7 @@ class ClassView(QWidget):
         decision_changed(int, str): the user chose ``decision`` (one of DECISIONS) for component ``int``.
 
     Attributes:
-        decisions: one QComboBox per component shown.
+        decisions: one ClassDecision per component shown.
         info: one QLabel per component (kind, counts, weight, mean score).
     """
 
@@ -70,7 +112,7 @@ class ClassView(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.header)
         layout.addWidget(scroll, stretch=1)
-        self.decisions: list[QComboBox] = []
+        self.decisions: list[ClassDecision] = []
         self.info: list[QLabel] = []
         self._averages: list[QLabel] = []
         self._components: list[list[QLabel]] = []
@@ -111,21 +153,12 @@ class ClassView(QWidget):
         self._update_info()
 
     def reset_decisions(self) -> None:
-        for box in self.decisions:
-            box.blockSignals(True)
-            box.setCurrentText(BY_SCORE)
-            box.blockSignals(False)
+        for decision in self.decisions:
+            decision.set_decision(BY_SCORE)
 
     def set_decision(self, component: int, decision: str) -> None:
         """Show ``decision`` for ``component`` without announcing it (restoring a curation)."""
-        box = self.decisions[component]
-        box.blockSignals(True)
-        box.setCurrentText(decision)
-        box.blockSignals(False)
-
-    def set_decisions_enabled(self, enabled: bool) -> None:
-        for box in self.decisions:
-            box.setEnabled(enabled)
+        self.decisions[component].set_decision(decision)
 
     def clear(self) -> None:
         self._classes = None
@@ -170,12 +203,9 @@ class ClassView(QWidget):
             info.setToolTip("kind (a particle class, or a junk component: noise, background), members (the "
                             "particles it explains best), mixing weight, mean junk score and members kept")
             self._grid.addWidget(info, m, 1 + n_components)
-            decision = QComboBox()
-            decision.addItems(DECISIONS)
-            decision.setToolTip("decide the whole class: by score (the cut decides each member), keep all its "
-                                "members, or reject them all")
+            decision = ClassDecision(m)
             decision.setEnabled(False)
-            decision.currentTextChanged.connect(lambda text, component=m: self.decision_changed.emit(component, text))
+            decision.changed.connect(lambda text, component=m: self.decision_changed.emit(component, text))
             self._grid.addWidget(decision, m, 2 + n_components)
             self.decisions.append(decision)
             self.info.append(info)

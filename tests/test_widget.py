@@ -11,7 +11,7 @@ import pytest
 from qtpy.QtCore import QPoint, Qt
 
 from napari_ppcasort import _review, _widget
-from napari_ppcasort._classes import KEEP_ALL, REJECT_ALL
+from napari_ppcasort._classes import KEEP_ALL
 from napari_ppcasort._gallery import BEST_FIRST, NEAR_CUT, NEAR_CUT_TILES, WORST_FIRST
 from napari_ppcasort._histogram import KEPT_COLOUR, REJECTED_COLOUR, axis_label
 from napari_ppcasort._sample_data import SAMPLE_NAME, make_sample_data
@@ -370,16 +370,19 @@ def test_a_class_decision_moves_exactly_its_members(qtbot, sample_widget):
     before = widget.kept_mask.copy()
     component = int(np.argmax([(before & (classes.assignment == m)).sum() for m in range(3)]))
     members = classes.assignment == component
-    widget.class_view.decisions[component].setCurrentText(REJECT_ALL)
+    decision = widget.class_view.decisions[component]
+    qtbot.mouseClick(decision.reject_button, Qt.MouseButton.LeftButton)  # one click rejects the class
     after = widget.kept_mask
     np.testing.assert_array_equal(before != after, before & members)
     assert not after[members].any()
     assert f"{0} kept" in widget.class_view.info[component].text()
-    widget.class_view.decisions[component].setCurrentText(KEEP_ALL)
+    qtbot.mouseClick(decision.keep_button, Qt.MouseButton.LeftButton)
+    assert decision.decision == KEEP_ALL and not decision.reject_button.isChecked()
     np.testing.assert_array_equal(widget.kept_mask, before | members)
-    np.testing.assert_array_equal(widget.gallery.model.manual, widget.kept_mask != (widget.scores <= 
+    np.testing.assert_array_equal(widget.gallery.model.manual, widget.kept_mask != (widget.scores <=
                                                                                       widget.score_threshold))
-    widget.class_view.decisions[component].setCurrentText("by score")
+    qtbot.mouseClick(decision.keep_button, Qt.MouseButton.LeftButton)  # a second click: the cut decides again
+    assert decision.decision == "by score"
     np.testing.assert_array_equal(widget.kept_mask, before)
 
 
