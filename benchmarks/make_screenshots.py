@@ -1,53 +1,109 @@
-"""Screenshots of the napari window with the sorting widget docked, on the plugin's sample data.
+"""Screenshots of the napari window with the sorting widget, on a realistic picked stack (ice, carbon, aggregates,
+empty boxes, off-centre picks: core.micrograph.simulate_picked_stack), opened in napari through the plugin's reader.
+
+    screenshots/sort_during_run.png       the class view while the sort runs (round 3)
+    screenshots/gallery_near_cut.png      the gallery around the cut after the run (true classes on the tiles)
+    screenshots/classes.png               the class view after the run (aligned averages, counts, decisions)
+    screenshots/histogram_dragged_cut.png the cut dragged on the histogram (mouse events on the plot)
 
 Run from the repository root: xvfb-run -a -s "-screen 0 1600x1000x24" python3 benchmarks/make_screenshots.py
-(PyQt6 is chosen so that napari shows no PyQt5 deprecation notice over the canvas.)
+[--images 3000]. Qt 6 is used when PyQt6 is installed (napari shows a PyQt5 deprecation notice over the canvas).
 """
+import argparse
+import importlib.util
 import os
-os.environ.setdefault("QT_API", "pyqt6")
+import tempfile
 import time
 from pathlib import Path
 
+if importlib.util.find_spec("PyQt6") is not None:
+    os.environ.setdefault("QT_API", "pyqt6")
+
 import napari
-from qtpy.QtCore import QTimer
+import numpy as np
+from qtpy.QtCore import QPoint, Qt, QTimer
 from qtpy.QtWidgets import QApplication
+
+from napari_ppcasort.core.micrograph import simulate_picked_stack
+from napari_ppcasort.core.simulate import write_simulated
 
 OUT = Path("screenshots")
 
-viewer = napari.Viewer(show=True)
-viewer.window._qt_window.resize(1600, 1000)
-app = QApplication.instance()
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3000)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="ppcasort-screenshots-"))
+    stack = simulate_picked_stack(args.images, random_state=1)
+    star = write_simulated(stack, folder, "picked")["star"]
 
-def settle(seconds):
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    viewer = napari.Viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    app = QApplication.instance()
+
+    def settle(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    viewer.open(str(star), plugin="napari-ppcasort")
+    viewer.scale_bar.visible = True
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-ppcasort", "Sort particles")
+    window.resizeDocks([dock], [800], Qt.Orientation.Horizontal)
+    settle(1.0)
+    viewer.reset_view()  # the particle fills the canvas left by the dock
+
+    shots = {}
+
+    def grab_mid_run(event):
+        if event.result.round == 3 and "during" not in shots:
+            QTimer.singleShot(300, lambda: shots.setdefault(
+                "during", viewer.screenshot(str(OUT / "sort_during_run.png"), canvas_only=False)))
+
+    widget.round_updated.connect(grab_mid_run)
+    done = []
+    widget.run_finished.connect(done.append)
+    widget.run()
+    while not done:
         app.processEvents()
         time.sleep(0.01)
+    print("run:", done, widget.status.text())
+
+    widget.tabs.setCurrentIndex(2)
+    settle(3.0)  # thumbnails load
+    viewer.screenshot(str(OUT / "gallery_near_cut.png"), canvas_only=False)
+
+    widget.tabs.setCurrentIndex(1)
+    settle(1.0)
+    viewer.screenshot(str(OUT / "classes.png"), canvas_only=False)
+
+    # drag the cut on the histogram, with the mouse, to keep fewer particles
+    histogram = widget.histogram
+    scores = np.sort(widget.scores)
+
+    y = int(histogram.plot_rect().center().y())
+
+    def pixel(score):
+        return QPoint(int(round(histogram.pixel_of(score))), y)
+
+    from qtpy.QtTest import QTest  # mouse events as a user makes them
+
+    no_key = Qt.KeyboardModifier.NoModifier
+    QTest.mousePress(histogram, Qt.MouseButton.LeftButton, no_key, pixel(widget.score_threshold))
+    target = float(scores[int(0.6 * scores.size)])
+    for score in np.linspace(widget.score_threshold, target, 10):
+        QTest.mouseMove(histogram, pixel(score))
+        settle(0.05)
+    QTest.mouseRelease(histogram, Qt.MouseButton.LeftButton, no_key, pixel(target))
+    widget.tabs.setCurrentIndex(2)
+    settle(3.0)
+    viewer.screenshot(str(OUT / "histogram_dragged_cut.png"), canvas_only=False)
+    print("dragged:", widget.review.panel.counts.value)
+    viewer.close()
 
 
-viewer.open_sample("napari-ppcasort", "simulated-particles")
-_, widget = viewer.window.add_plugin_dock_widget("napari-ppcasort", "Sort particles")
-widget.n_rounds.value = 6
-widget.iterations.value = 6
-settle(1.0)
-
-shots = {}
-def grab_mid_run(event):
-    if event.result.round == 3 and "during" not in shots:
-        QTimer.singleShot(150, lambda: shots.setdefault("during", viewer.screenshot(str(OUT / "sort_during_run.png"), canvas_only=False)))
-widget.round_updated.connect(grab_mid_run)
-done = []
-widget.run_finished.connect(done.append)
-widget.run()
-while not done:
-    app.processEvents()
-    time.sleep(0.01)
-settle(1.5)
-viewer.screenshot(str(OUT / "sort_after_run.png"), canvas_only=False)
-widget.threshold.value = 1550
-viewer.dims.set_current_step(0, 3)
-settle(1.0)
-viewer.screenshot(str(OUT / "sort_threshold_moved.png"), canvas_only=False)
-print(done, widget.counts.value)
-viewer.close()
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ import operator
 from pathlib import Path
 from typing import Callable
 
+import mrcfile
 import numpy as np
 
 from .core.particles import PARTICLE_SUFFIXES, ParticleFileError, ParticleSet, open_particles
@@ -102,10 +103,15 @@ def _expand_ellipsis(key: tuple) -> tuple:
 
 
 def stack_layer_kwargs(stack: ParticleStack, name: str, metadata: dict | None = None) -> dict:
-    """Image-layer keyword arguments for a particle stack: name, metadata and robust contrast limits."""
+    """Image-layer keyword arguments for a particle stack: name, metadata, robust contrast limits, and the axes:
+    "particle", "y", "x", with y and x in angstrom (scale = the pixel size) when the set records its pixel size."""
     n_sample = min(len(stack), CONTRAST_SAMPLE)
     sample = stack[np.linspace(0, len(stack) - 1, n_sample).round().astype(np.int64)] if len(stack) else None
-    kwargs = {"name": name, "metadata": dict(metadata or {})}
+    kwargs = {"name": name, "metadata": dict(metadata or {}), "axis_labels": ("particle", "y", "x")}
+    pixel_size = stack.particles.pixel_size
+    if pixel_size:
+        kwargs["scale"] = (1.0, float(pixel_size), float(pixel_size))
+        kwargs["units"] = ("pixel", "angstrom", "angstrom")
     if sample is not None:
         low, high = np.percentile(sample, [0.5, 99.5])
         if high > low:
@@ -114,11 +120,30 @@ def stack_layer_kwargs(stack: ParticleStack, name: str, metadata: dict | None = 
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list] | None:
-    """npe2 reader hook: the reader for particle stacks and particle sets, or None for other files."""
+    """npe2 reader hook: the reader for particle stacks and particle sets, or None for other files, so that napari
+    tries other readers: an ``.mrc`` that is a volume or a single image (a micrograph) is not a particle stack."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths or any(Path(p).suffix.lower() not in PARTICLE_SUFFIXES for p in paths):
         return None
+    if any(Path(p).suffix.lower() == ".mrc" and not is_particle_stack(p) for p in paths):
+        return None
     return read_particles
+
+
+def is_particle_stack(path) -> bool:
+    """Whether the MRC file at ``path`` holds several square 2-D images as a particle stack does (from its header):
+    False for a volume (space group 1 or more with as many sections as pixels across), a single image, an image
+    stack of non-square images. True when the header cannot be read, so that the particle reader says what is
+    wrong with the file."""
+    try:
+        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+            header = mrc.header
+            nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+            space_group = int(header.ispg)
+    except (OSError, ValueError):
+        return True
+    volume = space_group != 0 and nz == nx == ny
+    return nz > 1 and nx == ny and not volume
 
 
 def read_particles(path: str | list[str]) -> list[tuple]:

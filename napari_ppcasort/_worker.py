@@ -29,17 +29,24 @@ class RunFailed:
     message: str
 
 
+#: How the widget names the options that are not settings.
+OTHER_NAMES = {"force": 'Export\'s "Replace" (it asks when the folder holds results)'}
+
+
 def widget_name(name: str, form: str = "") -> str:
     """How the widget names a setting in messages: its label in quotes (switched off: '"normalize" off')."""
+    if name in OTHER_NAMES:
+        return OTHER_NAMES[name]
     label = SETTINGS[name].label if name in SETTINGS else name.replace("_", " ")
     return f'"{label}" off' if form == "off" else f'"{label}"'
 
 
 def run_sort(particles, settings: SortSettings, cancel: threading.Event, n_components_shown: int = 4,
-             shown: threading.Event | None = None) -> Iterator:
+             shown: threading.Event | None = None, with_classes: bool = False) -> Iterator:
     """The events of :func:`~napari_ppcasort.core.run.iter_sort`, or RunFailed (then stops) when the data or the
     parameters are rejected or the computation fails. Stops quietly once ``cancel`` is set."""
     try:
-        yield from iter_sort(particles, settings, cancel=cancel, n_components_shown=n_components_shown, shown=shown)
+        yield from iter_sort(particles, settings, cancel=cancel, n_components_shown=n_components_shown, shown=shown,
+                             with_classes=with_classes)
     except PPCASortError as error:
         yield RunFailed(error.describe(widget_name))

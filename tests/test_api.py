@@ -110,7 +110,7 @@ def test_sort_result_exports_all_or_nothing_and_reports(tmp_path, result):
                      "scores.csv"]
     manifest = json.loads((tmp_path / "out" / "parameters.json").read_text())
     assert sorted(manifest["files"]) == names and manifest["input"] is None  # an array has no file
-    with pytest.raises(OutputExistsError, match=r"out already holds results \(kept\.mrcs, .*--force"):
+    with pytest.raises(OutputExistsError, match=r"out already holds results \(kept\.mrcs, .*force=True"):
         result.export(tmp_path / "out")
     # everything kept, with force: the previous set goes as a whole, no stale rejected set is left
     result.export(tmp_path / "out", kept_mask=np.ones(result.final.n_total, bool), force=True)
@@ -267,7 +267,8 @@ def test_too_few_images_names_the_options_and_the_file_before_the_basis(tmp_path
     code, error = run_cli(capsys, "sort", EMPIAR / "empiar_10076_7.mrc", "-o", tmp_path / "out", "--n-subspaces", "1",
                           "--total-dimension", "2", "--n-coefficients", "4", "--n-rounds", "none",
                           "--target-kept-fraction", "0.99")
-    assert code == 2 and error.endswith("--target-kept-fraction 0.99 keeps all 7 images: there is nothing to remove")
+    assert code == 2 and error.endswith("--target-kept-fraction 0.99 keeps all 7 images: there is nothing to remove; lower "
+                                        "--target-kept-fraction")
     code, error = run_cli(capsys, "sort", EMPIAR / "empiar_10076_7.mrc", "-o", tmp_path / "out", "--box-size", "8",
                           "--n-coefficients", "none")
     assert code == 2 and error.endswith("--total-dimension 60 does not fit the 29 pixels inside the mask circle of its "

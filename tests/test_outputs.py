@@ -97,7 +97,7 @@ def test_refusals_come_before_any_change(tmp_path):
     make_old(tmp_path / "out")
     before = contents(tmp_path / "out")
     with pytest.raises(OutputExistsError, match=r"out already holds results \(a\.txt, b\.txt, stale\.txt\); choose "
-                                                r"another folder or use --force"):
+                                                r"another folder, or replace them with force=True"):
         OutputSet(tmp_path / "out", previous=previous).__enter__()
     with pytest.raises(InputError, match=r"out/stale\.txt: refusing to overwrite an input file of this run"):
         OutputSet(tmp_path / "out", previous=previous, force=True, inputs=[tmp_path / "out" / "stale.txt"]).__enter__()

@@ -166,3 +166,25 @@ def test_napari_opens_fixtures_through_the_manifest(make_napari_viewer):
     assert layers[0].data.shape == (7, 320, 320)
     cs_layers = viewer.open(str(EMPIAR / "empiar_10076_7.cs"), plugin="napari-ppcasort")
     np.testing.assert_array_equal(cs_layers[0].data[6], layers[0].data[6])
+
+
+def test_get_reader_declines_an_mrc_that_is_not_a_particle_stack(tmp_path):
+    from fixture_paths import VOLUME
+
+    assert get_reader(str(VOLUME)) is None  # a 3-D map: napari's other readers may open it
+    micrograph = tmp_path / "micrograph.mrc"
+    with mrcfile.new(micrograph, data=np.zeros((64, 96), np.float32)):
+        pass
+    assert get_reader(str(micrograph)) is None  # one image
+    stack = tmp_path / "stack.mrc"
+    with mrcfile.new(stack, data=np.zeros((5, 16, 16), np.float32)) as mrc:
+        mrc.set_image_stack()
+    assert get_reader(str(stack)) is read_particles
+
+
+def test_layers_are_in_angstrom_when_the_pixel_size_is_known():
+    [(_, kwargs, _)] = read_particles(str(RELION31 / "relion31.star"))
+    pixel_size = open_particles(RELION31 / "relion31.star").pixel_size
+    assert pixel_size and kwargs["scale"] == (1.0, pixel_size, pixel_size)
+    assert kwargs["units"] == ("pixel", "angstrom", "angstrom")
+    assert kwargs["axis_labels"] == ("particle", "y", "x")

@@ -1,5 +1,6 @@
 """Tests of the sorting dock widget in a real napari viewer (pytest-qt, napari's make_napari_viewer, Xvfb)."""
 
+import json
 import threading
 import time
 
@@ -7,26 +8,24 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+from qtpy.QtCore import QPoint, Qt
 
-from napari_ppcasort import _widget
+from napari_ppcasort import _review, _widget
+from napari_ppcasort._classes import KEEP_ALL
+from napari_ppcasort._gallery import BEST_FIRST, NEAR_CUT, NEAR_CUT_TILES, WORST_FIRST
+from napari_ppcasort._histogram import KEPT_COLOUR, REJECTED_COLOUR, axis_label
 from napari_ppcasort._sample_data import SAMPLE_NAME, make_sample_data
-from napari_ppcasort._widget import (
-    COMPONENTS_LAYER,
-    FILE_SOURCE,
-    KEPT_LAYER,
-    MEANS_LAYER,
-    N_COMPONENTS_SHOWN,
-    REJECTED_LAYER,
-    STOP_AUTOMATIC,
-    SortWidget,
-    display_tiles,
-    montage,
-)
+from napari_ppcasort._settings_form import FILE_SOURCE, STOP_AUTOMATIC
+from napari_ppcasort._widget import SortWidget
 from napari_ppcasort._worker import IterationDone, RoundDone, RunFailed, run_sort
-from napari_ppcasort.core.mixture import MixtureParameters
+from napari_ppcasort.cli import main
+from napari_ppcasort.core import results
+from napari_ppcasort.core.classes import ClassViews
+from napari_ppcasort.core.micrograph import simulate_picked_stack
 from napari_ppcasort.core.models import score_label
-from napari_ppcasort.core.settings import SETTINGS, SortSettings
 from napari_ppcasort.core.particles import open_particles
+from napari_ppcasort.core.settings import SETTINGS, SortSettings
+from napari_ppcasort.core.simulate import write_simulated
 
 RUN_TIMEOUT_MS = 120_000
 
@@ -43,6 +42,7 @@ def errors(monkeypatch):
     """The messages the widget shows with napari's show_error."""
     shown = []
     monkeypatch.setattr(_widget, "show_error", shown.append)
+    monkeypatch.setattr(_review, "show_error", shown.append)
     return shown
 
 
@@ -61,13 +61,14 @@ def dock(viewer) -> SortWidget:
 
 def quick_settings(widget, rounds=3, iterations=2):
     """Small, fast settings: 3 subspaces of dimension 4 in 40 basis coefficients."""
-    widget.n_coefficients.value = 40
-    widget.n_subspaces.value = 3
-    widget.total_dimension.value = 12
-    widget.alpha.value = 5.0
-    widget.iterations.value = iterations
-    widget.stop.value = "number of rounds"
-    widget.n_rounds.value = rounds
+    form = widget.form
+    form.n_coefficients.value = 40
+    form.n_subspaces.value = 3
+    form.total_dimension.value = 12
+    form.alpha.value = 5.0
+    form.iterations.value = iterations
+    form.stop.value = "number of rounds"
+    form.n_rounds.value = rounds
 
 
 @pytest.fixture
@@ -80,10 +81,10 @@ def sample_widget(make_napari_viewer, sample_layer):
     return viewer, widget
 
 
-def run_to_end(qtbot, widget):
+def run_to_end(qtbot, widget, outcome="done"):
     with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
         assert widget.run() is not None
-    assert finished.args == ["done"]
+    assert finished.args == [outcome]
 
 
 def wait_for_iterations(qtbot, worker, count):
@@ -94,6 +95,24 @@ def wait_for_iterations(qtbot, worker, count):
     return ticks
 
 
+def screen_state(widget):
+    """Everything the review shows, to compare before and after a run that did not succeed."""
+    return (widget.histogram.scores.copy(), widget.histogram.kept.copy(), widget.histogram.title,
+            widget.review.panel.counts.value, widget.gallery.order.copy(), widget.gallery.frames().copy(),
+            widget.review.panel.threshold.enabled)
+
+
+def assert_same_screen(before, after):
+    for one, other in zip(before, after):
+        if isinstance(one, np.ndarray):
+            np.testing.assert_array_equal(one, other)
+        else:
+            assert one == other
+
+
+# -- the form ----------------------------------------------------------------------------------------------------
+
+
 def test_widget_docks_through_the_manifest_with_limits_from_the_data(make_napari_viewer, sample_layer):
     viewer = make_napari_viewer()
     data, kwargs, _ = sample_layer
@@ -101,80 +120,396 @@ def test_widget_docks_through_the_manifest_with_limits_from_the_data(make_napari
     viewer.add_image(np.zeros((5, 5)), name="flat image")
     _, widget = viewer.window.add_plugin_dock_widget("napari-ppcasort", "Sort particles")
     assert isinstance(widget, SortWidget)
-    names = [name for name, _ in widget._source_choices()]
+    form = widget.form
+    names = [name for name, _ in form._source_choices()]
     assert names == [SAMPLE_NAME, "particle file (below)"]  # 2-D layers cannot be sorted
-    assert widget.source.value is viewer.layers[SAMPLE_NAME]
-    assert widget.crop.max == 32 and widget.crop.value == 32
+    assert form.source.value is viewer.layers[SAMPLE_NAME]
+    assert form.crop.max == 32 and form.crop.value == 32
     disk_pixels = 709  # pixels within radius 15 of the centre of a 32 px box
-    assert widget.n_coefficients.max == disk_pixels - 1
-    widget.n_coefficients.value = 50
-    assert widget.total_dimension.max == 49
-    widget.crop.value = 16  # 16 px box, radius 7: 149 disk pixels
-    assert widget.n_coefficients.max == 148 and widget.total_dimension.max == 49
-    widget.n_coefficients.value = 20
-    assert widget.total_dimension.max == 19 and widget.total_dimension.value <= 19
+    assert form.n_coefficients.max == disk_pixels - 1 and form.mask_radius.max == 15.5
+    form.n_coefficients.value = 50
+    assert form.total_dimension.max == 49
+    form.crop.value = 16  # 16 px box, radius 7: 149 disk pixels
+    assert form.n_coefficients.max == 148 and form.total_dimension.max == 49 and form.mask_radius.max == 7.5
+    form.n_coefficients.value = 20
+    assert form.total_dimension.max == 19 and form.total_dimension.value <= 19
+    form.crop.value = 32
+    form.mask_radius.value = 10.0  # a smaller circle holds fewer pixels: L and M K follow
+    assert form.n_coefficients.max == int((np.hypot(*np.mgrid[-16:16, -16:16]) <= 10).sum()) - 1
+    pixel_size = data.particles.pixel_size
+    assert form.mask_angstrom.value.startswith(f"{10 * pixel_size:.0f} \u00c5")
+    # no layers of the widget's own, no grid: the canvas stays the user's
+    assert [layer.name for layer in viewer.layers] == [SAMPLE_NAME, "flat image"]
 
 
-def test_run_on_sample_updates_once_per_round(qtbot, sample_widget):
+def test_every_control_has_a_tooltip_and_labels_from_the_settings_schema(make_napari_viewer, sample_layer):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = sample_layer
+    viewer.add_image(data, **kwargs)
+    widget = dock(viewer)
+    form = widget.form
+    for control in form:
+        assert control.tooltip, control.label
+    for button in (widget.run_button, widget.cancel_button, widget.gallery.mode):
+        assert button.toolTip()
+    for control in widget.review.panel:
+        assert control.tooltip
+    controls = {"model": form.model, "basis": form.basis, "n_subspaces": form.n_subspaces,
+                "total_dimension": form.total_dimension, "alpha": form.alpha, "iterations_per_round": form.iterations,
+                "n_rounds": form.n_rounds, "target_kept_fraction": form.target,
+                "outlier_threshold": form.outlier_threshold, "random_state": form.seed, "box_size": form.crop,
+                "n_coefficients": form.n_coefficients, "mask_radius": form.mask_radius, "normalize": form.normalize,
+                "noise": form.noise, "combine": form.combine, "center": form.center}
+    for name, control in controls.items():
+        declaration = SETTINGS[name]
+        assert control.label == declaration.label and control.tooltip == declaration.help
+        if declaration.allowed is not None:
+            assert list(control.choices) == list(declaration.allowed)
+            continue
+        if declaration.type is bool:
+            continue
+        # every value a control can take is valid for its setting (0 stands for none: "auto")
+        for shown in (control.min, control.max):
+            value = shown / declaration.unit_scale
+            if not (name in ("n_coefficients", "mask_radius") and value == 0):
+                declaration.check(int(value) if declaration.type is int else float(value))
+    form.normalize.value = False
+    form.noise.value = "per_component"
+    form.mask_radius.value = 12.0
+    settings = form.settings()
+    assert (settings.normalize, settings.noise, settings.mask_radius) == (False, "per_component", 12.0)
+    form.model.value = "paper"
+    assert not form.combine.native.isHidden() and not form.center.native.isHidden()
+    form.model.value = "steerable"
+    assert form.combine.native.isHidden() and form.basis.value == "pswf" and not form.basis.enabled
+
+
+def test_settings_are_checked_before_run_with_the_widgets_labels(make_napari_viewer, sample_layer, errors):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = sample_layer
+    viewer.add_image(data[:7], name="seven images")
+    widget = dock(viewer)
+    form = widget.form
+    form.n_coefficients.value = 40
+    # the form offers only what 7 images can be sorted with: M (K + 1) + 2 <= 7
+    assert form.n_subspaces.max == 2 and form.total_dimension.max == 7 - form.n_subspaces.value - 2
+    form.n_subspaces.value = 2
+    form.total_dimension.value = form.total_dimension.max
+    form.stop.value = "kept fraction"
+    form.target.value = 99.0  # keeps all 7: refused before Run, by the engine's own check
+    assert widget.run() is None and not widget.running
+    message = errors[-1]
+    assert message == ('<napari layer seven images>.mrcs: "keep (%)" 0.99 keeps all 7 images: there is nothing to remove; '
+                       'lower "keep (%)"')
+    assert widget.status.text() == f"Not started: {message}"
+    form.target.value = 50.0  # the suggestion works
+    form.checked()
+
+
+# -- a run, round by round ----------------------------------------------------------------------------------------
+
+
+def test_run_on_sample_updates_classes_and_histogram_once_per_round(qtbot, sample_widget):
     viewer, widget = sample_widget
     rounds = []
 
     def record(event):  # the state the user sees when the round is announced
-        means = viewer.layers[MEANS_LAYER].data.copy()
-        components = viewer.layers[COMPONENTS_LAYER].data.copy()
-        rounds.append((event, widget.histogram.scores.copy(), widget.histogram.cut, means, components))
+        rounds.append((event, widget.histogram.scores.copy(), widget.histogram.kept.copy(), widget.histogram.cut,
+                       [label.text() for label in widget.class_view.info], widget.form.native.isEnabled(),
+                       widget.histogram.log_likelihood.copy()))
 
     widget.round_updated.connect(record)
     run_to_end(qtbot, widget)
     widget.round_updated.disconnect(record)  # the connection would keep the viewer alive
 
     assert widget.n_round_updates == 3 == len(rounds)
-    canvas = getattr(viewer, "canvas", None)  # napari >= 0.9 keeps the grid there
-    assert (canvas.grid if hasattr(canvas, "grid") else viewer.grid).enabled  # one cell per layer
     assert [event.result.round for event, *_ in rounds] == [1, 2, 3]
-    assert [event.result.done for event, *_ in rounds] == [False, False, True]
-    box, m, n = 32, 3, N_COMPONENTS_SHOWN
-    for event, scores, cut, means, components in rounds:
-        assert event.means.shape == (m, box, box)
-        assert event.components.shape == (m, n, box, box)
-        assert means.shape == (box, m * box) and components.shape == (n * box, m * box)
-        np.testing.assert_array_equal(means, montage(display_tiles(event.means[np.newaxis])))
-        np.testing.assert_array_equal(
-            components, montage(display_tiles(event.components.transpose(1, 0, 2, 3), symmetric=True)))
+    for event, scores, kept, cut, info, form_enabled, trace in rounds:
         np.testing.assert_array_equal(scores, event.result.scores)
+        np.testing.assert_array_equal(kept, event.result.scores <= event.result.cut)
         assert cut == event.result.cut
-        assert widget.histogram.counts.sum() > 0
-    last = rounds[-1][0].result
-    # after the run the histogram shows the final scores of every image, cut at the engine's cut
-    np.testing.assert_array_equal(widget.histogram.scores, last.final_scores)
+        classes = event.classes
+        assert classes.counts.sum() == 2000 and len(info) == 3
+        for m, text in enumerate(info):
+            assert text.startswith(f"class {m + 1}: particle\n{classes.counts[m]} particles")
+        assert not form_enabled  # parameters locked during the run
+        np.testing.assert_array_equal(trace, event.result.log_likelihood)
+    assert [layer.name for layer in viewer.layers] == [SAMPLE_NAME]  # nothing added to the canvas
+    canvas = getattr(viewer, "canvas", None)
+    assert not (canvas.grid if hasattr(canvas, "grid") else viewer.grid).enabled
+
+    result = widget.result
+    assert widget.form.native.isEnabled() and widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    np.testing.assert_array_equal(widget.scores, result.scores)
+    assert widget.score_threshold == result.final.cut == widget.histogram.automatic_cut
+    np.testing.assert_array_equal(widget.kept_mask, result.scores <= result.final.cut)
+    np.testing.assert_array_equal(widget.histogram.scores, result.scores)
     assert widget.histogram.counts.sum() == 2000
-    # the default model scores by signed evidence (SD): a linear axis named after that score
-    assert widget.model.value == "steerable" and widget.basis.value == "pswf" and not widget.basis.enabled
-    assert widget.histogram.axes.get_xlabel() == score_label(widget.settings())
-    assert not widget.histogram.logarithmic and last.final_scores.min() < 0
-    assert widget.score_threshold == pytest.approx(last.cut)
-    np.testing.assert_array_equal(widget.kept_mask, last.removal_round == 0)
-    np.testing.assert_array_equal(viewer.layers[KEPT_LAYER].data.indices, last.kept)
-    np.testing.assert_array_equal(viewer.layers[REJECTED_LAYER].data.indices, np.sort(last.removed))
-    assert "round 3/3" in widget.status.text() and f"kept {last.kept.size}" in widget.status.text()
-    assert widget.progress.value() == 3 and widget.progress.maximum() == 3
-    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert widget.histogram.kept_counts.sum() == widget.kept_mask.sum()
+    assert widget.histogram.counts_text == f"{widget.kept_mask.sum()} kept | {2000 - widget.kept_mask.sum()} rejected"
+    assert widget.histogram.x_label == axis_label(score_label(widget.form.settings()))
+    assert "junk-like \u2192" in widget.histogram.x_label
+    np.testing.assert_array_equal(widget.histogram.prunings, [2, 4, 6])
+    assert widget.classes_shown.counts.sum() == 2000 and widget.class_view.decisions[0].isEnabled()
+    assert "round 3/3" in widget.status.text() or widget.status.text().startswith("Done: kept")
 
 
-def test_cancel_stops_within_one_em_iteration(qtbot, sample_widget):
+def test_gallery_order_is_the_score_order_and_frames_are_the_kept_mask(qtbot, sample_widget):
+    viewer, widget = sample_widget
+    run_to_end(qtbot, widget)
+    scores, gallery = widget.scores, widget.gallery
+    gallery.mode.setCurrentText(BEST_FIRST)
+    assert gallery.model.rowCount() == 2000
+    np.testing.assert_array_equal(gallery.order, np.argsort(scores, kind="stable"))
+    assert np.all(np.diff(scores[gallery.order]) >= 0)
+    np.testing.assert_array_equal(gallery.frames(), widget.kept_mask[gallery.order])
+    gallery.mode.setCurrentText(WORST_FIRST)
+    np.testing.assert_array_equal(gallery.order, np.argsort(scores, kind="stable")[::-1])
+    gallery.mode.setCurrentText(NEAR_CUT)
+    n_kept = int(widget.kept_mask.sum())
+    np.testing.assert_array_equal(gallery.order, np.argsort(scores, kind="stable")[n_kept - NEAR_CUT_TILES:
+                                                                                     n_kept + NEAR_CUT_TILES])
+    frames = gallery.frames()
+    assert frames[:NEAR_CUT_TILES].all() and not frames[NEAR_CUT_TILES:].any()  # both sides of the cut
+    # the true class of simulated data is on the tile, the score in its tooltip
+    first = int(gallery.order[0])
+    assert gallery.model.caption(first).endswith(("particle", "outlier", "noise"))
+    assert f"score {scores[first]:.5g}" in gallery.model.tooltip(first)
+    # thumbnails are made off the main thread, on demand
+    qtbot.waitUntil(lambda: gallery.loader.thumbnail(first) is not None, timeout=10_000)
+    assert gallery.loader.thumbnail(first).width() == 72
+
+
+def test_dragging_the_cut_and_moving_the_slider_agree(qtbot, sample_widget):
+    viewer, widget = sample_widget
+    run_to_end(qtbot, widget)
+    histogram, slider, scores = widget.histogram, widget.review.panel.threshold, widget.scores
+    widget.tabs.setCurrentIndex(2)
+    target = float(np.quantile(scores, 0.3))
+    y = int(histogram.plot_rect().center().y())
+
+    def pixel(score):
+        return QPoint(int(round(histogram.pixel_of(score))), y)
+
+    qtbot.mousePress(histogram, Qt.MouseButton.LeftButton, pos=pixel(float(np.median(scores))))
+    qtbot.mouseMove(histogram, pixel(target))
+    qtbot.mouseRelease(histogram, Qt.MouseButton.LeftButton, pos=pixel(target))
+    dropped = histogram.score_at(pixel(target).x())
+    expected = int(np.searchsorted(np.sort(scores), dropped, side="right"))
+    assert abs(expected - int((scores <= target).sum())) <= 30  # a pixel is a few images wide
+    assert slider.value == expected
+    assert widget.score_threshold == np.sort(scores)[expected - 1] == histogram.cut
+    np.testing.assert_array_equal(widget.kept_mask, scores <= widget.score_threshold)
+    assert widget.review.panel.counts.value.startswith(f"{expected} kept, {2000 - expected} rejected")
+    # and the other way round: the slider moves the line on the plot
+    for keep in (1, 1234, 2000):
+        slider.value = keep
+        assert histogram.cut == np.sort(scores)[keep - 1] == widget.score_threshold
+        assert histogram.kept_counts.sum() == keep
+        assert widget.gallery.frames().sum() == widget.kept_mask[widget.gallery.order].sum()
+    # the bars are painted in two colours: a bin of kept particles blue, one of rejected particles orange
+    slider.value = 1000
+    image = histogram.grab().toImage()
+    ratio = image.devicePixelRatio()
+    bottom = histogram.plot_rect().bottom() - 2
+    for colour, mask in ((KEPT_COLOUR, histogram.kept_counts == histogram.counts),
+                         (REJECTED_COLOUR, histogram.kept_counts == 0)):
+        full = np.flatnonzero(mask & (histogram.counts > 0.2 * histogram.counts.max()))
+        middle = 0.5 * (histogram.edges[full[0]] + histogram.edges[full[0] + 1])
+        pixel_colour = image.pixelColor(int(histogram.pixel_of(middle) * ratio), int(bottom * ratio))
+        assert pixel_colour.name() == colour
+
+
+def test_a_click_on_a_tile_moves_the_particle_and_the_export_keeps_it(qtbot, sample_widget, tmp_path, errors):
+    viewer, widget = sample_widget
+    run_to_end(qtbot, widget)
+    widget.tabs.setCurrentIndex(2)
+    gallery = widget.gallery
+    gallery.mode.setCurrentText(NEAR_CUT)
+    before = widget.kept_mask.copy()
+    row = NEAR_CUT_TILES - 1  # the last kept tile before the cut
+    gallery.view.scrollTo(gallery.model.index(row))
+    rectangle = gallery.view.visualRect(gallery.model.index(row))
+    particle = int(gallery.order[row])
+    qtbot.mouseClick(gallery.view.viewport(), Qt.MouseButton.LeftButton, pos=rectangle.center())
+    after = widget.kept_mask
+    assert before[particle] and not after[particle]
+    assert np.flatnonzero(before != after).tolist() == [particle]
+    assert gallery.model.manual[particle] and not gallery.model.kept[particle]
+    assert viewer.dims.current_step[0] == particle  # the clicked particle in the canvas
+    with qtbot.waitSignal(widget.exported, timeout=RUN_TIMEOUT_MS) as exported:
+        widget.export(tmp_path / "out")
+    written = exported.args[0]
+    assert written["report"] == [tmp_path / "out" / "report.png"] and (tmp_path / "out" / "report.png").stat().st_size
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    np.testing.assert_array_equal(scores["kept"].to_numpy(bool), after)
+    parameters = json.loads((tmp_path / "out" / "parameters.json").read_text())
+    assert parameters["overrides"] == {"kept": [], "rejected": [particle]}
+    assert parameters["settings"]["score_threshold"] == widget.score_threshold
+    back = open_particles(tmp_path / "out" / "rejected.star")
+    assert particle in np.flatnonzero(~after)[:back.n_particles]
+    assert errors == []
+    # a second export into the same folder is refused, with a message for a GUI user, and changes nothing
+    old = (tmp_path / "out" / "kept.mrcs").read_bytes()
+    worker = widget.export(tmp_path / "out")
+    qtbot.waitUntil(lambda: bool(errors), timeout=RUN_TIMEOUT_MS)
+    assert "already holds results" in errors[0] and "--force" not in errors[0] and '"Replace"' in errors[0]
+    qtbot.waitUntil(lambda: not worker.is_running)
+    assert (tmp_path / "out" / "kept.mrcs").read_bytes() == old
+    # undo: the cut alone decides again
+    widget.review.panel.undo.changed.emit(True)
+    np.testing.assert_array_equal(widget.kept_mask, before)
+
+
+def test_a_class_decision_moves_exactly_its_members(qtbot, sample_widget):
+    viewer, widget = sample_widget
+    run_to_end(qtbot, widget)
+    widget.tabs.setCurrentIndex(1)
+    classes = widget.classes_shown
+    widget.review.panel.threshold.value = 1500
+    before = widget.kept_mask.copy()
+    component = int(np.argmax([(before & (classes.assignment == m)).sum() for m in range(3)]))
+    members = classes.assignment == component
+    decision = widget.class_view.decisions[component]
+    qtbot.mouseClick(decision.reject_button, Qt.MouseButton.LeftButton)  # one click rejects the class
+    after = widget.kept_mask
+    np.testing.assert_array_equal(before != after, before & members)
+    assert not after[members].any()
+    assert f"{0} kept" in widget.class_view.info[component].text()
+    qtbot.mouseClick(decision.keep_button, Qt.MouseButton.LeftButton)
+    assert decision.decision == KEEP_ALL and not decision.reject_button.isChecked()
+    np.testing.assert_array_equal(widget.kept_mask, before | members)
+    np.testing.assert_array_equal(widget.gallery.model.manual, widget.kept_mask != (widget.scores <=
+                                                                                      widget.score_threshold))
+    qtbot.mouseClick(decision.keep_button, Qt.MouseButton.LeftButton)  # a second click: the cut decides again
+    assert decision.decision == "by score"
+    np.testing.assert_array_equal(widget.kept_mask, before)
+
+
+def test_class_view_lists_every_component_with_its_kind(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = dock(viewer)
+    classes = ClassViews(assignment=np.array([0, 1, 2, 2, 3]), kinds=("particle", "particle", "noise", "background"),
+                         counts=np.array([1, 1, 2, 1]), weights=np.array([0.3, 0.3, 0.2, 0.2]),
+                         mean_scores=np.array([-2.0, -1.0, 3.0, 4.0]), averages=np.random.rand(4, 16, 16),
+                         aligned=True)
+    widget.class_view.show_classes(classes, np.random.rand(4, 2, 16, 16), box=16, pixel_size=2.0,
+                                   decisions_enabled=True)
+    texts = [label.text() for label in widget.class_view.info]
+    assert [text.split("\n")[0] for text in texts] == ["class 1: particle", "class 2: particle", "class 3: noise",
+                                                      "class 4: background"]
+    assert "2 particles (40.0%), weight 0.20" in texts[2]
+    assert "32 \u00c5" in widget.class_view.header.text()
+
+
+def test_a_junk_probability_column_shows_in_tooltips_and_on_the_histogram(qtbot, sample_widget, monkeypatch):
+    probability = results.Column("junk_probability", lambda final, kept: 1 / (1 + np.exp(-final.final_scores)),
+                                 lambda value: repr(float(value)))
+    monkeypatch.setattr(results, "COLUMNS", results.COLUMNS + (probability,))
+    viewer, widget = sample_widget
+    run_to_end(qtbot, widget)
+    particle = int(np.argmax(widget.scores))
+    expected = 1 / (1 + np.exp(-widget.scores[particle]))
+    assert f"junk probability {expected:.3f}" in widget.gallery.model.tooltip(particle)
+    ticks = dict((p, score) for score, p in widget.histogram.probability_ticks)
+    assert ticks[0.5] == pytest.approx(0.0, abs=0.5)  # the log-odds 0 is probability 0.5 on the top axis
+    assert ticks[0.9] == pytest.approx(np.log(9), abs=0.5)
+
+
+# -- state: the source, cancel, errors ----------------------------------------------------------------------------
+
+
+def test_an_opened_star_becomes_the_source_and_the_cli_reproduces_the_export(qtbot, make_napari_viewer, tmp_path):
+    stack = simulate_picked_stack(300, random_state=5)  # ice, carbon, aggregates, empty boxes, off-centre picks
+    star = write_simulated(stack, tmp_path / "data", "picked")["star"]
+    viewer = make_napari_viewer()
+    widget = dock(viewer)
+    viewer.open(str(star), plugin="napari-ppcasort")
+    assert widget.form.source.value is viewer.layers["picked"]  # opened: Run sorts it
+    layer = viewer.layers["picked"]
+    assert layer.scale[1] == pytest.approx(stack.pixel_size)
+    quick_settings(widget)
+    run_to_end(qtbot, widget)
+    assert "true class" in widget.gallery.model.tooltip(0)  # the simulated labels of the STAR file
+    widget.review.panel.threshold.value = 200
+    widget.gallery.particle_clicked.emit(int(np.argmax(widget.scores)))  # the worst particle kept by hand
+    kept = widget.kept_mask.copy()
+    assert kept.sum() == 201
+    with qtbot.waitSignal(widget.exported, timeout=RUN_TIMEOUT_MS):
+        widget.export(tmp_path / "widget")
+    assert main(["sort", str(star), "-o", str(tmp_path / "cluster"), "--settings",
+                 str(tmp_path / "widget" / "parameters.json")]) == 0
+    again = pd.read_csv(tmp_path / "cluster" / "scores.csv")
+    np.testing.assert_array_equal(again["kept"].to_numpy(bool), kept)
+    np.testing.assert_array_equal(again["score"], widget.scores)
+
+
+def test_cancel_brings_back_the_previous_result_whole(qtbot, sample_widget):
     _, widget = sample_widget
+    run_to_end(qtbot, widget)
+    first = widget.result
+    widget.review.panel.threshold.value = 1600
+    before = screen_state(widget)
     quick_settings(widget, rounds=200, iterations=5)
     worker = widget.run()
+    assert not widget.form.native.isEnabled() and not widget.review.panel.threshold.enabled
     ticks = wait_for_iterations(qtbot, worker, 3)
     with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
         cancelled_at = time.monotonic()
         widget.cancel()
     assert finished.args == ["cancelled"]
-    finished_after_cancel = [tick for tick in ticks if tick.finished > cancelled_at]
-    assert len(finished_after_cancel) <= 1
-    assert widget.n_round_updates < 200
-    assert widget.status.text() == "Cancelled."
-    assert widget.run_button.enabled and not widget.threshold.enabled
+    assert len([tick for tick in ticks if tick.finished > cancelled_at]) <= 1  # within one EM iteration
+    assert widget.result is first
+    assert_same_screen(before, screen_state(widget))
+    assert widget.status.text() == "Cancelled. The previous result is shown."
+    assert widget.form.native.isEnabled() and widget.run_button.isEnabled()
+
+
+def test_cancel_and_failure_without_a_previous_result_leave_nothing_on_screen(qtbot, make_napari_viewer, sample_layer,
+                                                                             tmp_path, errors):
+    viewer = make_napari_viewer()
+    widget = dock(viewer)
+    widget.form.source.value = FILE_SOURCE
+    assert widget.run() is None
+    assert errors[-1].startswith("choose a particle file")
+
+    broken = tmp_path / "broken.mrcs"
+    broken.write_bytes(b"\x00" * 100)
+    widget.form.file.value = broken
+    assert widget.run() is None and "broken.mrcs" in errors[-1]
+
+    widget.form.file.value = write_stack(tmp_path / "good.mrcs", sample_layer)
+    form = widget.form
+    form.model.value = "paper"
+    form.basis.value = "pca"
+    form.n_coefficients.value = 0  # automatic: PCA finds fewer coefficients than the dimension asked
+    form.total_dimension.value = 100
+    run_to_end(qtbot, widget, "failed")
+    assert "total dimension 100" in errors[-1]
+    assert errors[-1].endswith('lower "total dimension" or ask for more coefficients ("basis size L")')
+    assert errors[-1].startswith(f"{tmp_path / 'good.mrcs'}: the PCA basis gives")
+    assert widget.status.text().startswith("Failed:")
+    assert widget.result is None and widget.kept_mask is None
+    assert widget.review.panel.counts.value == "-" and widget.histogram.scores.size == 0
+    assert widget.histogram.title == "no sort yet" and widget.gallery.model.rowCount() == 0
+    assert not widget.review.panel.threshold.enabled and not widget.review.panel.export_button.enabled
+
+
+def test_a_failed_run_brings_back_the_previous_result(qtbot, make_napari_viewer, sample_layer, tmp_path, errors):
+    viewer = make_napari_viewer()
+    widget = dock(viewer)
+    widget.form.source.value = FILE_SOURCE
+    widget.form.file.value = write_stack(tmp_path / "good.mrcs", sample_layer)
+    quick_settings(widget, rounds=2)
+    run_to_end(qtbot, widget)
+    before = screen_state(widget)
+    widget.form.model.value = "paper"
+    widget.form.basis.value = "pca"
+    widget.form.n_coefficients.value = 0
+    widget.form.total_dimension.value = 100
+    run_to_end(qtbot, widget, "failed")
+    assert_same_screen(before, screen_state(widget))
+    assert widget.status.text().endswith("The previous result is shown.")
 
 
 def test_new_run_cancels_the_running_one(qtbot, sample_widget):
@@ -205,64 +540,19 @@ def test_closing_the_viewer_stops_the_sort(qtbot, make_napari_viewer, sample_lay
     assert sum(tick.finished > closed_at for tick in ticks) <= 1
 
 
-def test_threshold_slider_moves_the_cut_and_the_counts(qtbot, sample_widget):
-    viewer, widget = sample_widget
-    run_to_end(qtbot, widget)
-    final_scores = widget._final.final_scores
-    for keep in (1, 500, 1234, 1999, 2000):
-        widget.threshold.value = keep
-        threshold = np.sort(final_scores)[keep - 1]
-        kept = final_scores <= threshold
-        assert widget.score_threshold == threshold == widget.histogram.cut
-        np.testing.assert_array_equal(widget.kept_mask, kept)
-        assert widget.counts.value.startswith(f"{kept.sum()} kept, {2000 - kept.sum()} rejected")
-        np.testing.assert_array_equal(viewer.layers[KEPT_LAYER].data.indices, np.flatnonzero(kept))
-        if keep < 2000:
-            np.testing.assert_array_equal(viewer.layers[REJECTED_LAYER].data.indices, np.flatnonzero(~kept))
-            assert viewer.layers[REJECTED_LAYER].data[0].shape == (32, 32)
-    assert REJECTED_LAYER not in viewer.layers  # nothing rejected: no layer
-
-
-def test_export_writes_sets_that_read_back(qtbot, sample_widget, tmp_path, errors):
-    viewer, widget = sample_widget
-    run_to_end(qtbot, widget)
-    widget.threshold.value = 1700
-    kept = widget.kept_mask
-    source = viewer.layers[SAMPLE_NAME].data
-    with qtbot.waitSignal(widget.exported, timeout=RUN_TIMEOUT_MS) as exported:
-        widget.export(tmp_path / "out")
-    written = exported.args[0]
-    assert [p.name for p in written["kept"]] == ["kept.mrcs", "kept.star"]
-    for name, mask in (("kept", kept), ("rejected", ~kept)):
-        back = open_particles(tmp_path / "out" / f"{name}.star")
-        indices = np.flatnonzero(mask)
-        assert back.n_particles == indices.size
-        np.testing.assert_array_equal(back.read(np.arange(indices.size)), source[indices])
-        np.testing.assert_array_equal(back.table["ppcasortTrueLabel"], source.particles.table["ppcasortTrueLabel"][indices])
-    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
-    np.testing.assert_array_equal(scores["kept"].to_numpy(bool), kept)
-    assert f"to {tmp_path / 'out'}" in widget.status.text()
-    assert errors == []
-
-    # a second export to the same folder is refused, with a message, and changes nothing
-    before = (tmp_path / "out" / "kept.mrcs").read_bytes()
-    worker = widget.export(tmp_path / "out")
-    qtbot.waitUntil(lambda: bool(errors), timeout=RUN_TIMEOUT_MS)
-    assert "already holds results" in errors[0]
-    qtbot.waitUntil(lambda: not worker.is_running)
-    assert (tmp_path / "out" / "kept.mrcs").read_bytes() == before
+# -- other sources and models ----------------------------------------------------------------------------------
 
 
 def test_file_source_never_overwrites_its_input(qtbot, make_napari_viewer, sample_layer, tmp_path, errors):
     viewer = make_napari_viewer()
     widget = dock(viewer)
     stack = write_stack(tmp_path / "kept.mrcs", sample_layer)  # an input named like an output, in the export folder
-    widget.source.value = FILE_SOURCE
-    widget.file.value = stack
-    assert widget.crop.max == 32
+    widget.form.source.value = FILE_SOURCE
+    widget.form.file.value = stack
+    assert widget.form.crop.max == 32
     quick_settings(widget, rounds=2)
     run_to_end(qtbot, widget)
-    assert widget.viewer.layers[KEPT_LAYER].data.particles.path == stack  # read lazily from the file
+    assert widget.result.particles.path == stack  # read lazily from the file
     before = stack.read_bytes()
     worker = widget.export(tmp_path)
     qtbot.waitUntil(lambda: bool(errors), timeout=RUN_TIMEOUT_MS)
@@ -276,6 +566,7 @@ def test_in_memory_layer_sorts_and_exports(qtbot, make_napari_viewer, sample_lay
     images = np.asarray(sample_layer[0][:600])
     viewer.add_image(images, name="plain array")
     widget = dock(viewer)
+    assert widget.form.source.value is viewer.layers["plain array"]
     quick_settings(widget, rounds=2)
     run_to_end(qtbot, widget)
     with qtbot.waitSignal(widget.exported, timeout=RUN_TIMEOUT_MS):
@@ -287,127 +578,103 @@ def test_in_memory_layer_sorts_and_exports(qtbot, make_napari_viewer, sample_lay
 
 def test_paper_model_runs_with_its_sorting_factor_on_a_log_axis(qtbot, sample_widget):
     viewer, widget = sample_widget
-    widget.model.value = "paper"
-    assert widget.basis.enabled
-    widget.basis.value = "pca"
-    assert widget.settings().model == "paper" and widget.settings().basis == "pca"
+    widget.form.model.value = "paper"
+    assert widget.form.basis.enabled
+    widget.form.basis.value = "pca"
+    assert widget.form.settings().model == "paper" and widget.form.settings().basis == "pca"
     run_to_end(qtbot, widget)
-    final = widget._final
-    assert isinstance(final.parameters, MixtureParameters) and not hasattr(final.parameters, "axes")
+    final = widget.result.final
     np.testing.assert_array_equal(widget.histogram.scores, final.final_scores)
     assert (final.final_scores > 0).all() and widget.histogram.logarithmic
-    assert widget.histogram.axes.get_xlabel() == "junk score (sorting factor)"
-    widget.model.value = "steerable"  # back to the steerable model: its basis again
-    assert widget.basis.value == "pswf" and not widget.basis.enabled
+    assert widget.histogram.x_label == axis_label("junk score (sorting factor)")
+    assert not widget.classes_shown.aligned and "not aligned" in widget.class_view.header.text()
 
 
 def test_automatic_mode_stops_after_a_round_without_outliers(qtbot, sample_widget):
     viewer, widget = sample_widget
-    widget.stop.value = STOP_AUTOMATIC
-    shown = {name: not getattr(widget, name).native.isHidden() for name in ('n_rounds', 'target', 'outlier_threshold')}
+    widget.form.stop.value = STOP_AUTOMATIC
+    form = widget.form
+    shown = {name: not getattr(form, name).native.isHidden() for name in ('n_rounds', 'target', 'outlier_threshold')}
     assert shown == {'n_rounds': False, 'target': False, 'outlier_threshold': True}
-    settings = widget.settings()
+    settings = form.settings()
     assert (settings.outlier_threshold, settings.n_rounds, settings.target_kept_fraction) == (2.5, None, None)
     run_to_end(qtbot, widget)
-    final = widget._final
+    final = widget.result.final
     assert final.done and widget.n_round_updates == final.round >= 2
     assert final.removed_this_round.size == 0 and final.removed.size > 0  # the last round found no outlier
-    assert widget.progress.value() == final.round and f"round {final.round} |" in widget.status.text()
-    np.testing.assert_array_equal(widget.kept_mask, final.removal_round == 0)
+    assert widget.progress.format() == f"done: {final.round} rounds"
 
 
-def test_bad_input_and_parameters_are_notifications(qtbot, make_napari_viewer, sample_layer, tmp_path, errors):
-    viewer = make_napari_viewer()
-    widget = dock(viewer)
-    widget.source.value = FILE_SOURCE
-    assert widget.run() is None
-    assert errors[-1].startswith("choose a particle file")
-
-    broken = tmp_path / "broken.mrcs"
-    broken.write_bytes(b"\x00" * 100)
-    widget.file.value = broken
-    assert "broken.mrcs" in errors[-1]
-
-    widget.file.value = write_stack(tmp_path / "good.mrcs", sample_layer)
-    widget.model.value = "paper"
-    widget.basis.value = "pca"
-    widget.n_coefficients.value = 0  # automatic: PCA finds fewer coefficients than the dimension asked
-    widget.total_dimension.value = 100
-    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
-        widget.run()
-    assert finished.args == ["failed"]
-    assert "total dimension 100" in errors[-1]
-    # the settings named as the widget labels them, the file named
-    assert errors[-1].endswith('lower "total dimension" or ask for more coefficients ("basis size L")')
-    assert errors[-1].startswith(f"{tmp_path / 'good.mrcs'}: the PCA basis gives")
-    assert widget.status.text().startswith("Failed:")
-    assert widget.n_round_updates == 0
-
-
-def test_widget_labels_and_limits_come_from_the_settings_schema(make_napari_viewer, sample_layer):
-    viewer = make_napari_viewer()
-    data, kwargs, _ = sample_layer
-    viewer.add_image(data, **kwargs)
-    widget = dock(viewer)
-    controls = {"model": widget.model, "basis": widget.basis, "n_subspaces": widget.n_subspaces,
-                "total_dimension": widget.total_dimension, "alpha": widget.alpha,
-                "iterations_per_round": widget.iterations, "n_rounds": widget.n_rounds,
-                "target_kept_fraction": widget.target, "outlier_threshold": widget.outlier_threshold,
-                "random_state": widget.seed, "box_size": widget.crop, "n_coefficients": widget.n_coefficients}
-    for name, control in controls.items():
-        declaration = SETTINGS[name]
-        assert control.label == declaration.label and control.tooltip == declaration.help
-        if declaration.allowed is not None:
-            assert list(control.choices) == list(declaration.allowed)
-            continue
-        # every value a control can take is valid for its setting (0 coefficients stands for none: "auto")
-        for shown in (control.min, control.max):
-            value = shown / declaration.unit_scale
-            if not (name == "n_coefficients" and value == 0):
-                declaration.check(int(value) if declaration.type is int else float(value))
-
-
-def test_display_tiles_maps_each_tile_to_unit_range():
-    tiles = np.stack([np.stack([np.full((2, 2), 5.0), np.array([[1.0, 3.0], [2.0, 5.0]])])])
-    shown = display_tiles(tiles)
-    np.testing.assert_array_equal(shown[0, 0], 0.5)  # constant tile
-    np.testing.assert_allclose(shown[0, 1], [[0, 0.5], [0.25, 1]])
-    signed = display_tiles(np.array([[[[-2.0, 1.0], [0.0, 2.0]]]]), symmetric=True)
-    np.testing.assert_allclose(signed[0, 0], [[0, 0.75], [0.5, 1]])
-    assert shown.dtype == np.float32
-
-
-def test_montage_tiles_rows_and_columns():
-    tiles = np.arange(2 * 3 * 2 * 2).reshape(2, 3, 2, 2)
-    image = montage(tiles)
-    assert image.shape == (4, 6)
-    np.testing.assert_array_equal(image[2:4, 4:6], tiles[1, 2])
-    np.testing.assert_array_equal(image[0:2, 2:4], tiles[0, 1])
+# -- the worker, without a window ------------------------------------------------------------------------------
 
 
 def test_run_sort_yields_one_event_per_iteration_and_round(sample_layer):
     particles = sample_layer[0].particles
     settings = SortSettings(n_subspaces=2, total_dimension=8, n_coefficients=30, n_rounds=2, iterations_per_round=3)
-    events = list(run_sort(particles, settings, threading.Event(), n_components_shown=3))
+    events = list(run_sort(particles, settings, threading.Event(), n_components_shown=3, with_classes=True))
     kinds = [type(event).__name__ for event in events]
     first_sort = kinds.index("SortStarted")
     assert set(kinds[:first_sort]) == {"CoefficientsProgress"}
     assert kinds[first_sort + 1:] == (["IterationDone"] * 3 + ["RoundDone"]) * 2 + ["SortFinished"]
-    assert events[first_sort - 1].done == events[first_sort - 1].total == 2000
     ticks = [event for event in events if isinstance(event, IterationDone)]
     assert [tick.iteration for tick in ticks] == [1, 2, 3, 4, 5, 6]
-    assert [tick.round for tick in ticks] == [1, 1, 1, 2, 2, 2]
     rounds = [event for event in events if isinstance(event, RoundDone)]
-    assert [r.result.done for r in rounds] == [False, True]
     assert rounds[0].means.shape == (2, 32, 32) and rounds[0].components.shape == (2, 3, 32, 32)
-    assert ticks[3].n_kept == rounds[0].result.kept.size
+    assert rounds[1].classes.averages.shape == (2, 32, 32) and rounds[1].classes.counts.sum() == 2000
 
 
 def test_run_sort_reports_bad_input_and_stops_when_cancelled(sample_layer):
     particles = sample_layer[0].particles
-    too_big = SortSettings(model="paper", n_subspaces=2, total_dimension=40, basis="pca", n_coefficients=None, n_rounds=2)
+    too_big = SortSettings(model="paper", n_subspaces=2, total_dimension=40, basis="pca", n_coefficients=None,
+                           n_rounds=2)
     events = list(run_sort(particles, too_big, threading.Event()))
     assert isinstance(events[-1], RunFailed) and "total dimension 40" in events[-1].message
     cancel = threading.Event()
     cancel.set()
     assert list(run_sort(particles, SortSettings(n_coefficients=40, total_dimension=12), cancel)) == []
+
+
+def test_the_qt_binding_is_the_one_the_environment_asks_for(qtbot):
+    import os
+
+    import qtpy
+
+    # CI runs these tests twice: PyQt5 (the README's environment) and PyQt6 (QT_API=pyqt6)
+    assert qtpy.API_NAME.lower() == os.environ.get("QT_API", "pyqt5").lower()
+
+
+def test_the_gallery_shows_100000_particles_reading_only_those_on_screen(qtbot):
+    from napari_ppcasort._gallery import ParticleGallery
+
+    class CountingParticles:
+        """100,000 particles of 16 px that record what is read."""
+
+        n_particles, box_size, pixel_size = 100_000, 16, None
+
+        def __init__(self):
+            self.read_count = 0
+
+        def read(self, indices):
+            self.read_count += len(indices)
+            return np.random.default_rng(len(indices)).normal(size=(len(indices), 16, 16)).astype(np.float32)
+
+    particles = CountingParticles()
+    gallery = ParticleGallery()
+    qtbot.addWidget(gallery)
+    gallery.resize(700, 500)
+    gallery.show()
+    scores = np.random.default_rng(0).normal(size=particles.n_particles)
+    kept = scores <= 1.0
+    gallery.mode.setCurrentText(BEST_FIRST)
+    gallery.show_particles(particles, scores, kept, np.zeros_like(kept))
+    assert gallery.model.rowCount() == 100_000
+    np.testing.assert_array_equal(gallery.order, np.argsort(scores, kind="stable"))
+    bar = gallery.view.verticalScrollBar()
+    qtbot.waitUntil(lambda: bar.maximum() > 0, timeout=10_000)
+    bar.setValue(bar.maximum() // 2)  # jump to the middle of the stack
+    last = int(gallery.order[-1])
+    qtbot.waitUntil(lambda: particles.read_count > 0, timeout=10_000)
+    qtbot.wait(300)
+    assert particles.read_count < 2_000  # only the tiles that were on screen
+    assert gallery.loader.thumbnail(last) is None  # never on screen: not read (now asked for)
+    gallery.close_loader()

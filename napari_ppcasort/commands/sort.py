@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..core.particles import PARTICLE_SUFFIXES, open_particles
 from ..core.results import open_results_folder, write_results
 from ..core.run import check_sort
+from ..core.selection import read_overrides_file
 from ..core.settings import SortSettings
 from ._common import (Progress, add_output_options, add_settings_options, file_names, rounds_text, settings_from_args,
                       sort_with_progress)
@@ -21,7 +23,8 @@ def add_parser(commands) -> None:
         NAME, help=f"sort a particle set ({', '.join(PARTICLE_SUFFIXES)}) and write the kept and rejected sets",
         description="Sort a particle set and write kept.star/.mrcs (or kept.cs), rejected.star/.mrcs (or "
                     "rejected.cs), scores.csv, report.png and parameters.json in OUTDIR, all or nothing: a "
-                    "failed or interrupted run leaves OUTDIR as it was.")
+                    "failed or interrupted run leaves OUTDIR as it was. With --settings parameters.json, the "
+                    "manual overrides it records (particles moved across the cut in the widget) are applied too.")
     parser.add_argument("input", type=Path, metavar="INPUT", help="particle file: .mrcs/.mrc stack, RELION .star or "
                         "cryoSPARC .cs")
     add_output_options(parser, "the results")
@@ -43,9 +46,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, SortSettings())
     with open_particles(args.input) as particles:
         check_sort(particles, settings)
+        overrides = read_overrides_file(args.settings, particles.n_particles) if args.settings is not None else None
         with open_results_folder(args.output, particles, force=args.force, inputs=[args.settings]) as output:
             with progress_for(args) as progress:
                 result = sort_with_progress(particles, settings, progress)
+            if overrides:  # the particles moved across the cut by hand in the run that wrote the settings file
+                result = replace(result, overrides=overrides)
             written = write_results(output, result, title=str(args.input))
             output.commit()
     print(f"kept {result.n_kept} of {result.final.n_total} particles ({result.n_kept / result.final.n_total:.1%}) "

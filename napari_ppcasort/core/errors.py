@@ -38,7 +38,9 @@ Naming = Callable[[str, str], str]
 
 
 def python_name(field: str, form: str) -> str:
-    """The Python naming: the field name (``normalize``; switched off: ``normalize=False``)."""
+    """The Python naming: the field name (``normalize``; switched off: ``normalize=False``; ``force=True``)."""
+    if field == "force":
+        return "force=True"
     return f"{field}=False" if form == "off" else field
 
 

@@ -250,7 +250,7 @@ class OutputSet:
         previous = sorted(set(self._previous(folder)))
         if previous and not self.force:
             raise OutputExistsError(f"{literal(folder)} already holds {self.what} ({', '.join(previous)}); choose "
-                                    "another folder or use --force to replace them")
+                                    "another folder, or replace them with {force}")
         self._refuse_inputs(sorted(set(previous) | set(self.planned)))
         free = shutil.disk_usage(folder).free
         if free < self.needed_bytes + SPACE_MARGIN:

@@ -31,15 +31,24 @@ N_BINS = 60
 KEPT_COLOUR, REJECTED_COLOUR, CUT_COLOUR = "tab:blue", "tab:orange", "black"
 
 
-def score_bin_edges(scores: np.ndarray, n_bins: int = N_BINS) -> tuple[np.ndarray, bool]:
+def score_bin_edges(scores: np.ndarray, n_bins: int = N_BINS, *, tail: float = 0.0,
+                    include=()) -> tuple[np.ndarray, bool]:
     """Histogram bin edges (n_bins + 1,) over the finite ``scores``, and whether they are logarithmic.
 
     Logarithmic when every score is positive and they span more than a factor 20 (sorting factors, whose junk
     tail spans decades), linear otherwise (signed scores such as the steerable model's evidence).
+    tail : leave out this fraction of the scores at each end (0.005: the edges span the 0.5th to the 99.5th
+        percentile), so that a few extreme scores do not squeeze the rest into a few bins; the caller clips the
+        scores into the end bins. include : values the edges must span all the same (a cut).
     """
     finite = scores[np.isfinite(scores)]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     logarithmic = low > 0 and high / low > 20
+    if tail > 0 and finite.size:
+        low, high = np.quantile(finite, [tail, 1 - tail])
+    wanted = [value for value in include if value is not None and np.isfinite(value)]
+    if wanted:
+        low, high = min(low, *wanted), max(high, *wanted)
     if high <= low:
         low, high = (low / 2, high * 2) if logarithmic or low > 0 else (low - 1, high + 1)
     edges = np.geomspace(low, high, n_bins + 1) if logarithmic else np.linspace(low, high, n_bins + 1)

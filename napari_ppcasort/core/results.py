@@ -19,8 +19,11 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import InputError, literal
 from .outputs import OutputSet
-from .particles import FORMATS, _image_path_name, input_files, subset_paths, write_subset
+from .particles import FORMATS, _image_path_name, input_files, open_particles, subset_paths, write_subset
+from .selection import OVERRIDES_KEY, Overrides, base_mask, kept_mask as selected_mask, read_overrides_file
+from .settings import SortSettings, read_settings_file
 
 __all__ = [
     "Column",
@@ -35,6 +38,9 @@ __all__ = [
     "estimated_bytes",
     "open_results_folder",
     "write_results",
+    "particle_columns",
+    "RecordedResult",
+    "read_results",
 ]
 
 KEPT, REJECTED = "kept", "rejected"
@@ -126,11 +132,22 @@ def open_results_folder(folder, particles, *, force: bool = False, inputs=()) ->
                      what="results")
 
 
+def particle_columns(result, kept_mask) -> dict[str, np.ndarray]:
+    """The per-particle outputs of ``result`` (a SortResult or a RecordedResult) by column name (:data:`COLUMNS`),
+    each (N,), for the (N,) bool ``kept_mask``; a RecordedResult gives the values it read from scores.csv."""
+    recorded = getattr(result, "recorded_columns", {})
+    return {column.name: np.asarray(recorded[column.name] if column.name in recorded and column.name != "kept"
+                                    else column.values(result.final, kept_mask)) for column in COLUMNS}
+
+
 def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = True, title: str | None = None,
                   n_components_shown: int = N_COMPONENTS_SHOWN, input_path=None) -> dict[str, list[Path]]:
-    """Stage every file of the results of ``result`` (a SortResult) in ``output``, the manifest last.
+    """Stage every file of the results of ``result`` (a SortResult, or a RecordedResult re-cut) in ``output``,
+    the manifest last.
 
-    kept_mask : (N,) bool, the particles to keep (default: the sort's own selection).
+    kept_mask : (N,) bool, the particles to keep (default: ``result.kept_mask``, its cut and overrides). What
+        differs from the cut (``result.base_mask()``) is recorded as manual overrides in parameters.json, so that
+        ``ppcasort sort --settings parameters.json`` gives the same kept set.
     input_path : the input as parameters.json records it (default: the particle set's path).
     Returns where the files will be once ``output`` is committed: {"kept": [...], "rejected": [...],
     "scores": [path], "report": [path], "parameters": [path]} (an empty set has an empty list).
@@ -140,7 +157,8 @@ def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = T
     kept_mask = result.kept_mask if kept_mask is None else np.asarray(kept_mask, dtype=bool)
     if kept_mask.shape != (final.n_total,):
         raise ValueError(f"kept_mask must have one entry per particle ({final.n_total}), got shape {kept_mask.shape}")
-    extra = {column.star_label: np.asarray(column.values(final, kept_mask)) for column in COLUMNS if column.star_label}
+    columns = particle_columns(result, kept_mask)
+    extra = {column.star_label: columns[column.name] for column in COLUMNS if column.star_label}
     for name, mask in ((KEPT, kept_mask), (REJECTED, ~kept_mask)):
         if not mask.any():
             continue
@@ -149,7 +167,7 @@ def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = T
         _staged_write(output, lambda: write_subset(particles, np.flatnonzero(mask), staged, extra_columns=extra,
                                                    stack_name=_stack_name(finals)))
         written[name] = list(finals.values())
-    _staged_write(output, lambda: _write_scores(output.path(SCORES_NAME), final, kept_mask, _image_names(particles)))
+    _staged_write(output, lambda: _write_scores(output.path(SCORES_NAME), columns, _image_names(particles)))
     written["scores"] = [output.final_path(SCORES_NAME)]
     if report and kept_mask.any():
         figure = result.report(kept_mask=kept_mask, title=title, n_components_shown=n_components_shown)
@@ -161,6 +179,7 @@ def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = T
         "n_particles": int(final.n_total),
         "n_kept": int(kept_mask.sum()),
         "settings": result.settings.to_dict(),
+        OVERRIDES_KEY: Overrides.between(kept_mask, result.base_mask()).to_dict(),
         "rounds": int(final.round),
         "em_iterations": int(final.n_iterations),
         "final_log_likelihood": float(final.log_likelihood[-1]) if final.log_likelihood.size else None,
@@ -198,12 +217,12 @@ def _image_names(particles) -> list[str] | None:
     return None
 
 
-def _write_scores(path: Path, final, kept_mask: np.ndarray, names: list[str] | None) -> None:
-    values = [np.asarray(column.values(final, kept_mask)) for column in COLUMNS]
+def _write_scores(path: Path, columns: dict[str, np.ndarray], names: list[str] | None) -> None:
+    values = [columns[column.name] for column in COLUMNS]
     with open(path, "x", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "image_name", *(column.name for column in COLUMNS)])
-        for i in range(final.n_total):
+        for i in range(values[0].size):
             writer.writerow([i, names[i] if names else "",
                              *(column.text(column_values[i]) for column, column_values in zip(COLUMNS, values))])
 
@@ -218,3 +237,98 @@ def _save_png(figure, path: Path) -> None:
 def _write_json(path: Path, content: dict) -> None:
     with open(path, "x", encoding="utf-8") as handle:
         json.dump(content, handle, indent=2)
+
+
+# -- reading exported results back (ppcasort select) ---------------------------------------------------------
+
+
+@dataclass
+class _RecordedFinal:
+    """The parts of the last SortRound that parameters.json and scores.csv keep."""
+
+    final_scores: np.ndarray
+    removal_round: np.ndarray
+    round: int
+    n_iterations: int
+    log_likelihood: np.ndarray
+
+    @property
+    def n_total(self) -> int:
+        return self.final_scores.size
+
+
+@dataclass
+class RecordedResult:
+    """The results of a sort as exported (parameters.json and scores.csv) with their particle set: a result that
+    can be cut again and written (:func:`write_results`, without a report: the model is not kept).
+
+    Attributes:
+        particles: the particle set, opened from the path parameters.json records.
+        settings: the settings of the sort (with the cut of the export).
+        final: the final scores (N,), removal rounds (N,), rounds, EM iterations and last log-likelihood.
+        overrides: the manual overrides of the export.
+        recorded_columns: every column of scores.csv by name, (N,) each.
+    """
+
+    particles: object
+    settings: SortSettings
+    final: _RecordedFinal
+    overrides: Overrides
+    recorded_columns: dict
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.final.final_scores
+
+    @property
+    def sort_kept_mask(self) -> np.ndarray:
+        return self.final.removal_round == 0
+
+    def base_mask(self, score_threshold: float | None = None) -> np.ndarray:
+        threshold = self.settings.score_threshold if score_threshold is None else score_threshold
+        return base_mask(self.scores, self.sort_kept_mask, threshold)
+
+    @property
+    def kept_mask(self) -> np.ndarray:
+        return selected_mask(self.scores, self.sort_kept_mask, self.settings.score_threshold, self.overrides)
+
+
+def read_results(folder) -> RecordedResult:
+    """The results exported into ``folder`` (its parameters.json and scores.csv), with the particle set opened.
+
+    InputError naming the file: no results there, a result of an array (no input file to open), a scores.csv
+    that does not match parameters.json or the particle set.
+    """
+    folder = Path(folder)
+    parameters_path, scores_path = folder / PARAMETERS_NAME, folder / SCORES_NAME
+    for path in (parameters_path, scores_path):
+        if not path.is_file():
+            raise InputError(f"{literal(folder)}: holds no results of a sort ({literal(path.name)} is missing)")
+    try:
+        recorded = json.loads(parameters_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{literal(parameters_path)}: cannot be read ({literal(error)})") from None
+    settings = SortSettings.from_dict(read_settings_file(parameters_path))
+    source = recorded.get("input") if isinstance(recorded, dict) else None
+    if not isinstance(source, str):
+        raise InputError(f"{literal(parameters_path)}: records no input file (the sort was of images in memory); "
+                         "its kept and rejected sets hold the images")
+    import pandas as pd
+
+    table = pd.read_csv(scores_path)
+    missing = [name for name in ("index", "score", "removal_round") if name not in table.columns]
+    if missing:
+        raise InputError(f"{literal(scores_path)}: has no column {literal(missing[0])}")
+    particles = open_particles(source)
+    n = particles.n_particles
+    if len(table) != n or not np.array_equal(table["index"].to_numpy(), np.arange(n)):
+        particles.close()
+        raise InputError(f"{literal(scores_path)}: has {len(table)} rows for the {n} particles of {literal(source)}")
+    final = _RecordedFinal(final_scores=table["score"].to_numpy(np.float64),
+                           removal_round=table["removal_round"].to_numpy(np.int64),
+                           round=int(recorded.get("rounds", 0)), n_iterations=int(recorded.get("em_iterations", 0)),
+                           log_likelihood=np.array([recorded["final_log_likelihood"]], dtype=np.float64)
+                           if recorded.get("final_log_likelihood") is not None else np.empty(0))
+    columns = {name: table[name].to_numpy() for name in table.columns if name not in ("index", "image_name")}
+    return RecordedResult(particles=particles, settings=settings, final=final,
+                          overrides=read_overrides_file(parameters_path, n), recorded_columns=columns)

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from .classes import ClassViews, class_views
 from .errors import ComputeError, SettingsError, SortCancelled, literal
 from .particles import ArrayParticleSet, ParticleFileError, ParticleSet, open_particles
 from .pipeline import coefficient_steps, make_preprocessor, make_sorter, removal_schedule, subspace_images
 from .preprocess import BadImageError, disk_mask
+from .selection import Overrides, base_mask, kept_mask
 from .settings import SortSettings
 from .sorting import OnlineSorter, SortRound
 
@@ -103,12 +105,14 @@ class RoundDone:
     means : (M, box, box) float32, the subspace means through the basis.
     components : (M, n, box, box) float32, the top n components of each subspace.
     n_rounds : the number of rounds of the whole sort (an upper bound in the automatic mode).
+    classes : the components as classes (members, aligned averages), when ``iter_sort`` was asked for them.
     """
 
     result: SortRound
     means: np.ndarray
     components: np.ndarray
     n_rounds: int
+    classes: ClassViews | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class SortResult:
         basis: the basis of the coefficients (``basis.evaluate`` turns coefficients into images).
         preprocessor: the preprocessing applied before the expansion.
         coefficients: (N, L) float32, the basis coefficients of every particle.
+        overrides: particles moved across the cut by hand (see :mod:`napari_ppcasort.core.selection`).
+
+    The kept set (:attr:`kept_mask`) is the particles the sort kept, or those scoring at most
+    ``settings.score_threshold`` when it is set, with the overrides applied.
     """
 
     particles: ParticleSet
@@ -144,6 +152,7 @@ class SortResult:
     basis: object
     preprocessor: object
     coefficients: np.ndarray
+    overrides: Overrides = field(default_factory=Overrides)
 
     @property
     def scores(self) -> np.ndarray:
@@ -157,9 +166,41 @@ class SortResult:
         return self.final.removal_round
 
     @property
-    def kept_mask(self) -> np.ndarray:
-        """(N,) bool, the particles the sort kept."""
+    def sort_kept_mask(self) -> np.ndarray:
+        """(N,) bool, the particles the sort kept (never removed by a pruning round)."""
         return self.final.removal_round == 0
+
+    @property
+    def score_threshold(self) -> float | None:
+        """The cut on the final scores (``settings.score_threshold``), or None: the sort's own selection."""
+        return self.settings.score_threshold
+
+    def base_mask(self, score_threshold: float | None = None) -> np.ndarray:
+        """(N,) bool, the kept set before the overrides: the particles scoring at most ``score_threshold`` (default:
+        the settings' threshold), or those the sort kept when there is none."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        return base_mask(self.scores, self.sort_kept_mask, threshold)
+
+    @property
+    def kept_mask(self) -> np.ndarray:
+        """(N,) bool, the kept set: the cut (the score threshold, or the sort's own selection), then the overrides."""
+        return kept_mask(self.scores, self.sort_kept_mask, self.score_threshold, self.overrides)
+
+    def with_selection(self, score_threshold: float | None, kept_mask=None) -> "SortResult":
+        """This result with another cut: ``score_threshold`` (None: the sort's own selection) and, if given, the
+        (N,) bool ``kept_mask`` the user made from it (what differs from the cut becomes manual overrides)."""
+        settings = self.settings.replace(score_threshold=score_threshold)
+        moved = replace(self, settings=settings, overrides=Overrides())
+        if kept_mask is None:
+            return moved
+        kept_mask = np.asarray(kept_mask, dtype=bool)
+        if kept_mask.shape != self.scores.shape:
+            raise ValueError(f"kept_mask must have one entry per particle ({self.scores.size}), got {kept_mask.shape}")
+        return replace(moved, overrides=Overrides.between(kept_mask, moved.base_mask()))
+
+    def class_views(self) -> ClassViews:
+        """The components as classes: members, counts, weights, mean scores and in-plane aligned averages."""
+        return class_views(self.model, self.final.parameters, self.basis, self.coefficients, self.scores)
 
     @property
     def n_kept(self) -> int:
@@ -255,7 +296,7 @@ def check_sort(particles: ParticleSet, settings: SortSettings) -> None:
     n = particles.n_particles
     if settings.target_kept_fraction is not None and np.ceil(settings.target_kept_fraction * n) >= n:
         raise SettingsError(f"{where}: {{target_kept_fraction}} {settings.target_kept_fraction:g} keeps all {n} "
-                            "images: there is nothing to remove")
+                            "images: there is nothing to remove; lower {target_kept_fraction}")
     needed = settings.n_subspaces * (settings.subspace_dimension + 1) + 2
     raise SettingsError(f"{where}: {n} images are too few to sort with {settings.n_subspaces} subspaces of dimension "
                         f"{settings.subspace_dimension} (at least {needed} are needed): lower {{n_subspaces}} or "
@@ -263,7 +304,7 @@ def check_sort(particles: ParticleSet, settings: SortSettings) -> None:
 
 
 def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int = N_COMPONENTS_SHOWN,
-              shown: threading.Event | None = None) -> Iterator:
+              shown: threading.Event | None = None, with_classes: bool = False) -> Iterator:
     """Sort ``particles`` with ``settings``, yielding progress events (see the module docstring).
 
     Args:
@@ -274,6 +315,8 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
         n_components_shown: components of each subspace in every RoundDone.
         shown: if given, the sort pauses after each RoundDone until ``shown`` is set (by a GUI, once it has
             drawn the round), so that drawing never competes with the sort for the CPU.
+        with_classes: every RoundDone carries the components as classes (``RoundDone.classes``: members and
+            aligned averages; costs about one E-step over all images per round).
 
     Raises:
         InputError (ParticleFileError, SettingsError) naming the file and the setting, before the expensive
@@ -300,7 +343,7 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
         n_rounds = len(sorter.schedule)
         yield SortStarted(n_rounds, prepared.coefficients.shape[0], prepared.coefficients.shape[1],
                           automatic=sorter.automatic)
-        result = yield from _rounds(sorter, prepared, n_components_shown, n_rounds, cancelled, shown)
+        result = yield from _rounds(sorter, prepared, n_components_shown, n_rounds, cancelled, shown, with_classes)
         if result is None:
             return
         yield SortFinished(SortResult(particles=particles, settings=settings, final=result, model=sorter.model,
@@ -323,7 +366,8 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
                            "fewer particles at a time") from None
 
 
-def _rounds(sorter: OnlineSorter, prepared, n_components_shown: int, n_rounds: int, cancelled, shown):
+def _rounds(sorter: OnlineSorter, prepared, n_components_shown: int, n_rounds: int, cancelled, shown,
+            with_classes: bool = False):
     """Run the sort's rounds one EM iteration at a time, yielding IterationDone and RoundDone; returns the
     last SortRound, or None if cancelled."""
     n_kept = prepared.coefficients.shape[0]
@@ -341,9 +385,11 @@ def _rounds(sorter: OnlineSorter, prepared, n_components_shown: int, n_rounds: i
         result = sorter.prune()
         n_kept = result.kept.size
         means, components = subspace_images(prepared.basis, result.parameters, n_components_shown)
+        classes = class_views(sorter.model, result.parameters, prepared.basis, prepared.coefficients,
+                              result.final_scores) if with_classes else None
         if shown is not None:
             shown.clear()
-        yield RoundDone(result, means, components, n_rounds)
+        yield RoundDone(result, means, components, n_rounds, classes)
         if shown is not None and not _wait_unless_cancelled(shown, cancelled):
             return None
     return result

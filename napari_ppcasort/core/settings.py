@@ -235,6 +235,10 @@ class SortSettings:
         help="stop 'junk-left' with a model without a junk probability (steerable, paper): a round removes only "
              "images whose score is a robust outlier of that round's scores (robust z-score, median/MAD, of the "
              "score, or of its logarithm when every score is positive as sorting factors are, above this)")
+    score_threshold: float | None = setting(
+        None, label="score threshold", none_means="the particles the sort kept",
+        help="after the sort, keep the particles whose final junk score is at most this and reject the others "
+             "(a cut moved after the sort, as the widget's cut; none: keep the particles the sort kept)")
 
     def __post_init__(self):
         for declaration in SETTINGS.values():
