@@ -126,7 +126,8 @@ class ClassView(QWidget):
 
     def show_classes(self, classes, components: np.ndarray, *, box: int, pixel_size: float | None,
                      decisions_enabled: bool) -> None:
-        """Show ``classes`` (core.classes.ClassViews) with ``components`` (M, n, box, box), the sorted ``box`` (px)
+        """Show ``classes`` (core.classes.ClassViews) with ``components`` (M, n, box, box) of its first M classes (the
+        particle classes; the junk components after them have none), the sorted ``box`` (px)
         and its ``pixel_size`` (A/px, or None); the decision choices are active when ``decisions_enabled``."""
         self._classes = classes
         n = classes.n_components
@@ -139,7 +140,10 @@ class ClassView(QWidget):
         for m in range(n):
             self._averages[m].setPixmap(_pixmap(classes.averages[m], AVERAGE_PIXELS))
             for j, label in enumerate(self._components[m]):
-                label.setPixmap(_pixmap(components[m, j], COMPONENT_PIXELS, symmetric=True))
+                if m < components.shape[0]:
+                    label.setPixmap(_pixmap(components[m, j], COMPONENT_PIXELS, symmetric=True))
+                else:  # a junk component (noise, background) has no subspace
+                    label.clear()
             self._averages[m].setToolTip(f"class {m + 1}: the average of its {classes.counts[m]} members "
                                          f"({alignment})")
             self.decisions[m].setEnabled(decisions_enabled)

@@ -167,16 +167,28 @@ def test_a_model_registered_in_one_entry_is_a_setting_choice_and_sorts(monkeypat
         SortSettings(model="nearest", combine="min")
 
 
+def test_the_junk_probability_is_written_beside_the_score_for_the_default_model_only(tmp_path, result, stack):
+    result.export(tmp_path / "out")
+    header = (tmp_path / "out" / "scores.csv").read_text().splitlines()[0]
+    assert header == "index,image_name,score,junk_probability,removal_round,kept"
+    with open_particles(tmp_path / "out" / "kept.star") as kept:
+        probability = kept.table["ppcasortJunkProbability"].to_numpy(float)
+    np.testing.assert_allclose(probability, 1 / (1 + np.exp(-result.scores[result.kept_mask])), rtol=1e-5)
+    paper = sort_particles(stack.images, SortSettings(model="paper", basis="pca", stop="schedule", **SMALL))
+    paper.export(tmp_path / "paper")
+    assert "junk_probability" not in (tmp_path / "paper" / "scores.csv").read_text().splitlines()[0]
+
+
 def test_an_output_column_registered_in_one_entry_is_written_to_scores_and_star(tmp_path, monkeypatch, result):
-    column = result_files.Column("junk_probability", lambda final, kept: 1 / (1 + np.exp(-final.final_scores)),
-                                 lambda value: f"{value:.6f}", "ppcasortJunkProbability")
+    column = result_files.Column("score_rank", lambda result, kept: np.argsort(np.argsort(result.scores)),
+                                 lambda value: str(int(value)), "ppcasortScoreRank")
     monkeypatch.setattr(result_files, "COLUMNS", (*result_files.COLUMNS, column))
     result.export(tmp_path / "out")
     header = (tmp_path / "out" / "scores.csv").read_text().splitlines()[0]
-    assert header == "index,image_name,score,removal_round,kept,junk_probability"
+    assert header.endswith(",kept,score_rank")
     with open_particles(tmp_path / "out" / "kept.star") as kept:
-        np.testing.assert_allclose(kept.table["ppcasortJunkProbability"].to_numpy(float),
-                                   1 / (1 + np.exp(-result.scores[result.kept_mask])))
+        np.testing.assert_array_equal(kept.table["ppcasortScoreRank"].to_numpy(int),
+                                      np.argsort(np.argsort(result.scores))[result.kept_mask])
 
 
 # -- the mixtures as scikit-learn estimators ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ from fixture_paths import EMPIAR, TOY
 RUNNER = Path(__file__).with_name("fault_runner.py")
 COMMAND = [sys.executable, "-m", "napari_ppcasort.cli"]
 # small and fast: the toy projections are noise-free (no normalisation), 2 EM iterations per round
-SETTINGS = ["--model", "paper", "--no-normalize", "--basis", "pca", "--n-coefficients", "40", "--total-dimension",
+SETTINGS = ["--model", "paper", "--stop", "schedule", "--no-normalize", "--basis", "pca", "--n-coefficients", "40", "--total-dimension",
             "12", "--iterations-per-round", "2"]
 OLD_ROUNDS, NEW_ROUNDS = 1, 2
 # every writing stage; a commit replacing a 7-file set by another is 14 renames (7 old files aside, then 7 new ones
@@ -352,7 +352,8 @@ def test_a_force_rerun_on_its_own_output_is_refused_before_any_change(tmp_path, 
 
 def test_a_cs_run_over_a_star_run_replaces_the_whole_set(tmp_path):
     results = tmp_path / "results"
-    tiny = ["--n-subspaces", "1", "--total-dimension", "2", "--n-coefficients", "4", "--box-size", "32"]
+    tiny = ["--stop", "schedule", "--n-subspaces", "1", "--total-dimension", "2", "--n-coefficients", "4", "--box-size",
+            "32"]
     first = run(["sort", str(EMPIAR / "empiar_10076_7.mrc"), "-o", str(results), *tiny, "--n-rounds", "2"])
     assert first.returncode == 0, first.stderr
     assert {"kept.star", "kept.mrcs", "rejected.star", "rejected.mrcs"} <= set(os.listdir(results))

@@ -28,16 +28,17 @@ def sort(stack, settings):
     return sorter, prepared.coefficients, final
 
 
-def test_the_default_model_is_the_steerable_one_and_needs_the_pswf_basis():
-    assert SortSettings().model == "steerable" and SortSettings().basis == "pswf"
-    with pytest.raises(ValueError, match="steerable model needs the steerable basis 'pswf', not 'pca'"):
+def test_the_default_model_is_the_contamination_one_and_needs_the_pswf_basis():
+    assert SortSettings().model == "contamination" and SortSettings().basis == "pswf"
+    assert SortSettings().stop == "junk-left" and SortSettings().n_rounds is None
+    with pytest.raises(ValueError, match="contamination model needs the steerable basis 'pswf', not 'pca'"):
         SortSettings(basis="pca")
-    with pytest.raises(ValueError, match="combine applies to model 'paper' only; with the steerable model leave it at "
+    with pytest.raises(ValueError, match="combine applies to model 'paper' only; with the contamination model leave it at "
                                          "its default \\('sum'\\)"):
         SortSettings(combine="min")
     with pytest.raises(ValueError, match="center applies to model 'paper' only"):
         SortSettings(center=True)
-    with pytest.raises(ValueError, match=r"model must be one of 'steerable', 'paper', got the text 'fancy'"):
+    with pytest.raises(ValueError, match=r"model must be one of 'contamination', 'steerable', 'paper', got the text 'fancy'"):
         SortSettings(model="fancy")
     assert SortSettings(model="paper", basis="pca", combine="min", center=True).combine == "min"
     with pytest.raises(ValueError, match="needs coefficients in the PSWF basis, got PCABasis"):
@@ -48,12 +49,13 @@ def test_the_default_model_is_the_steerable_one_and_needs_the_pswf_basis():
 
 
 def test_score_label_names_the_score_of_each_model():
-    assert "evidence" in score_label(SortSettings())
+    assert "junk log-odds" in score_label(SortSettings())
+    assert "evidence" in score_label(SortSettings(model="steerable"))
     assert "sorting factor" in score_label(SortSettings(model="paper"))
 
 
 def test_steerable_sort_reports_the_mean_evidence_of_its_model(stack):
-    settings = SortSettings(**SMALL)
+    settings = SortSettings(model="steerable", stop="schedule", alpha=0.05, **SMALL)
     sorter, coefficients, final = sort(stack, settings)
     assert isinstance(sorter.model, SteerableMixturePPCA) and isinstance(sorter.scorer, MeanEvidenceScore)
     # the kept images' final scores are the last model's scores of them
@@ -70,7 +72,7 @@ def test_steerable_sort_reports_the_mean_evidence_of_its_model(stack):
 
 
 def test_paper_sort_reports_the_sorting_factor(stack):
-    settings = SortSettings(model="paper", **SMALL)
+    settings = SortSettings(model="paper", stop="schedule", **SMALL)
     sorter, coefficients, final = sort(stack, settings)
     assert type(sorter.model) is MixturePPCA and sorter.scorer == SortingFactorScore("sum", False)
     np.testing.assert_allclose(final.final_scores[final.kept],

@@ -23,7 +23,8 @@ from napari_ppcasort.core.report import (
 )
 from napari_ppcasort.core.simulate import simulate_particles
 
-SETTINGS = SortSettings(n_subspaces=2, total_dimension=6, n_coefficients=20, n_rounds=3, iterations_per_round=2)
+SETTINGS = SortSettings(model="steerable", stop="schedule", n_subspaces=2, total_dimension=6, n_coefficients=20, n_rounds=3,
+                        iterations_per_round=2)
 N_SHOWN = 3
 
 

@@ -73,14 +73,18 @@ def test_class_views_partition_the_particles_by_responsibility(picked):
     views = result.class_views()
     expected = np.argmax(result.model.predict_proba(result.coefficients), axis=1)
     np.testing.assert_array_equal(views.assignment, expected)
-    assert views.counts.sum() == 400 and views.kinds == ("particle",) * 3 and views.aligned
-    np.testing.assert_allclose(views.weights, result.final.parameters.weights)
-    for component in range(3):
+    parameters = result.final.parameters
+    assert views.counts.sum() == 400 and views.aligned
+    assert views.kinds == parameters.component_kinds and views.kinds[:3] == ("particle",) * 3
+    assert {"noise", "background"} <= set(views.kinds)
+    np.testing.assert_allclose(views.weights, parameters.component_weights)
+    assert views.weights.sum() == pytest.approx(1.0)
+    for component in range(views.n_components):
         members = views.members(component)
         assert members.size == views.counts[component]
         if members.size:
             assert views.mean_scores[component] == pytest.approx(result.scores[members].mean())
-    assert views.averages.shape == (3, 64, 64) and views.averages.dtype == np.float32
+    assert views.averages.shape == (views.n_components, 64, 64) and views.averages.dtype == np.float32
 
 
 def test_a_cut_and_overrides_are_exported_and_reproduced_by_sort_with_settings(picked, tmp_path, capsys):

@@ -40,8 +40,10 @@ WRONG_VALUES = [
     ("alpha", 0, "must be a number strictly between 0 and 1, got 0.0"),
     ("alpha", 1, "must be a number strictly between 0 and 1, got 1.0"),
     ("alpha", None, "must be a number strictly between 0 and 1, got none"),
-    ("outlier_threshold", -2.5, "must be a number above 0 or none, got -2.5"),
-    ("model", "fancy", "must be one of 'steerable', 'paper', got the text 'fancy'"),
+    ("outlier_threshold", -2.5, "must be a number above 0, got -2.5"),
+    ("stop", "never", "must be one of 'junk-left', 'schedule', got the text 'never'"),
+    ("ctf_correction", "wiener", "must be one of 'flip', 'none', got the text 'wiener'"),
+    ("model", "fancy", "must be one of 'contamination', 'steerable', 'paper', got the text 'fancy'"),
     ("noise", "Shared", "must be one of 'shared', 'per_component', got the text 'Shared'"),
     ("n_subspaces", [3], "must be a whole number of at least 1, got a list ([3])"),
     ("iterations_per_round", 2.0, "must be a whole number of at least 1, got 2.0"),
@@ -78,13 +80,13 @@ def test_numpy_scalars_become_python_values_and_the_defaults_are_valid():
 COMBINATION_ERRORS = [
     (dict(total_dimension=2), "total_dimension (2) must be at least n_subspaces (3)"),
     (dict(n_coefficients=60), "n_coefficients (60) must exceed total_dimension (60)"),
-    (dict(basis="pca"), "the steerable model needs the steerable basis 'pswf', not 'pca': set basis to 'pswf', or "
+    (dict(basis="pca"), "the contamination model needs the steerable basis 'pswf', not 'pca': set basis to 'pswf', or "
                         "model to 'paper' for the pca basis"),
-    (dict(combine="min"), "combine applies to model 'paper' only; with the steerable model leave it at its default "
+    (dict(combine="min"), "combine applies to model 'paper' only; with the contamination model leave it at its default "
                           "('sum')"),
     (dict(center=True), "center applies to model 'paper' only"),
-    (dict(n_rounds=None), "give n_rounds, target_kept_fraction or outlier_threshold, so that the sort knows when to "
-                          "stop"),
+    (dict(stop="schedule"), "stop 'schedule' needs n_rounds or target_kept_fraction, so that the sort knows when to "
+                            "stop"),
 ]
 
 

@@ -19,7 +19,6 @@ from napari_ppcasort._settings_form import FILE_SOURCE, STOP_AUTOMATIC
 from napari_ppcasort._widget import SortWidget
 from napari_ppcasort._worker import IterationDone, RoundDone, RunFailed, run_sort
 from napari_ppcasort.cli import main
-from napari_ppcasort.core import results
 from napari_ppcasort.core.classes import ClassViews
 from napari_ppcasort.core.micrograph import simulate_picked_stack
 from napari_ppcasort.core.models import score_label
@@ -229,9 +228,10 @@ def test_run_on_sample_updates_classes_and_histogram_once_per_round(qtbot, sampl
         np.testing.assert_array_equal(kept, event.result.scores <= event.result.cut)
         assert cut == event.result.cut
         classes = event.classes
-        assert classes.counts.sum() == 2000 and len(info) == 3
+        assert classes.counts.sum() == 2000 and len(info) == classes.n_components > 3
+        assert classes.kinds[:3] == ("particle",) * 3 and "noise" in classes.kinds
         for m, text in enumerate(info):
-            assert text.startswith(f"class {m + 1}: particle\n{classes.counts[m]} particles")
+            assert text.startswith(f"class {m + 1}: {classes.kinds[m]}\n{classes.counts[m]} particles")
         assert not form_enabled  # parameters locked during the run
         np.testing.assert_array_equal(trace, event.result.log_likelihood)
     assert [layer.name for layer in viewer.layers] == [SAMPLE_NAME]  # nothing added to the canvas
@@ -402,11 +402,8 @@ def test_class_view_lists_every_component_with_its_kind(qtbot, make_napari_viewe
     assert "32 \u00c5" in widget.class_view.header.text()
 
 
-def test_a_junk_probability_column_shows_in_tooltips_and_on_the_histogram(qtbot, sample_widget, monkeypatch):
-    probability = results.Column("junk_probability", lambda final, kept: 1 / (1 + np.exp(-final.final_scores)),
-                                 lambda value: repr(float(value)))
-    monkeypatch.setattr(results, "COLUMNS", results.COLUMNS + (probability,))
-    viewer, widget = sample_widget
+def test_the_junk_probability_shows_in_tooltips_and_on_the_histogram(qtbot, sample_widget):
+    viewer, widget = sample_widget  # the default model: its score is the log-odds of junk
     run_to_end(qtbot, widget)
     particle = int(np.argmax(widget.scores))
     expected = 1 / (1 + np.exp(-widget.scores[particle]))
@@ -590,19 +587,23 @@ def test_paper_model_runs_with_its_sorting_factor_on_a_log_axis(qtbot, sample_wi
     assert not widget.classes_shown.aligned and "not aligned" in widget.class_view.header.text()
 
 
-def test_automatic_mode_stops_after_a_round_without_outliers(qtbot, sample_widget):
+def test_the_default_stop_prunes_while_the_model_finds_junk_and_cuts_at_probability_one_half(qtbot, sample_widget):
     viewer, widget = sample_widget
     widget.form.stop.value = STOP_AUTOMATIC
     form = widget.form
     shown = {name: not getattr(form, name).native.isHidden() for name in ('n_rounds', 'target', 'outlier_threshold')}
-    assert shown == {'n_rounds': False, 'target': False, 'outlier_threshold': True}
+    # the default model has a junk probability: no threshold to set
+    assert shown == {'n_rounds': False, 'target': False, 'outlier_threshold': False}
     settings = form.settings()
-    assert (settings.outlier_threshold, settings.n_rounds, settings.target_kept_fraction) == (2.5, None, None)
+    assert (settings.stop, settings.n_rounds, settings.target_kept_fraction) == ("junk-left", None, None)
     run_to_end(qtbot, widget)
     final = widget.result.final
-    assert final.done and widget.n_round_updates == final.round >= 2
-    assert final.removed_this_round.size == 0 and final.removed.size > 0  # the last round found no outlier
+    assert final.done and widget.n_round_updates == final.round >= 2 and final.removed.size > 0
+    kept = final.removal_round == 0
+    assert (final.final_scores[kept] <= 0).all() and (final.final_scores[~kept] > 0).all()
     assert widget.progress.format() == f"done: {final.round} rounds"
+    form.model.value = "steerable"  # a score without a probability: the robust outlier rule, with its threshold
+    assert not form.outlier_threshold.native.isHidden()
 
 
 # -- the worker, without a window ------------------------------------------------------------------------------
@@ -620,7 +621,9 @@ def test_run_sort_yields_one_event_per_iteration_and_round(sample_layer):
     assert [tick.iteration for tick in ticks] == [1, 2, 3, 4, 5, 6]
     rounds = [event for event in events if isinstance(event, RoundDone)]
     assert rounds[0].means.shape == (2, 32, 32) and rounds[0].components.shape == (2, 3, 32, 32)
-    assert rounds[1].classes.averages.shape == (2, 32, 32) and rounds[1].classes.counts.sum() == 2000
+    classes = rounds[1].classes
+    assert classes.kinds[:2] == ("particle", "particle") and classes.counts.sum() == 2000
+    assert classes.averages.shape == (classes.n_components, 32, 32)
 
 
 def test_run_sort_reports_bad_input_and_stops_when_cancelled(sample_layer):

@@ -634,8 +634,7 @@ def expansion_steps(particles, basis: Basis, preprocessor: Preprocessor, indices
         try:
             prepared = preprocessor(images, chunk_indices)
         except BadImageError as error:
-            raise BadImageError(int(chunk_indices[error.position]), error.reason, label="particle",
-                                constant_background=error.constant_background) from error
+            raise error.of_particles(chunk_indices) from error
         out[rows] = basis.expand(prepared)
         done += len(chunk_indices)
         yield done, indices.size

@@ -40,10 +40,10 @@ class ClassViews:
 
     Attributes:
         assignment: (N,) int, the component each particle belongs to most (largest responsibility).
-        kinds: (M,) str, what each component models: "particle" (a particle class), "noise" (empty boxes) or
-            "background" (unstructured junk), from the model's ``component_kinds`` (all "particle" without it).
+        kinds: (M,) str, what each component models: "particle" (a particle class), "outlier" (images far off a
+            particle class), "noise" (empty boxes) or "background" (unstructured junk such as ice and carbon), from the model's ``component_kinds`` (all "particle" without it).
         counts: (M,) int, members of each component.
-        weights: (M,) float, the mixing weights.
+        weights: (M,) float, the mixing weights (each component's share of the images).
         mean_scores: (M,) float, the mean final junk score of each component's members (NaN without members).
         averages: (M, box, box) float32, each component's aligned average of its members (in the sorted,
             Fourier-cropped box; its mean image where it has no member).
@@ -89,7 +89,10 @@ def class_views(model, parameters, basis, coefficients: np.ndarray, scores: np.n
     n_components = responsibilities.shape[1]
     assignment = np.argmax(responsibilities, axis=1)
     counts = np.bincount(assignment, minlength=n_components)
-    means = np.asarray(parameters.means, dtype=np.float64)
+    # a model with junk components gives the means and weights of all of them (particle classes first)
+    means = np.asarray(getattr(parameters, "component_means", parameters.means), dtype=np.float64)
+    weights = getattr(parameters, "component_weights", None)
+    weights = np.asarray(parameters.weights if weights is None else weights, dtype=np.float64)
     averages = means.copy()
     mean_scores = np.full(n_components, np.nan)
     steerable = _is_steerable(basis)
@@ -105,7 +108,7 @@ def class_views(model, parameters, basis, coefficients: np.ndarray, scores: np.n
         averages[component] = aligned_average(rows, basis) if steerable else rows.mean(axis=0)
     images = np.asarray(basis.evaluate(averages), dtype=np.float32)
     return ClassViews(assignment=assignment, kinds=component_kinds(parameters, n_components), counts=counts,
-                      weights=np.asarray(parameters.weights, dtype=np.float64).copy(), mean_scores=mean_scores,
+                      weights=weights.copy(), mean_scores=mean_scores,
                       averages=images, aligned=steerable)
 
 

@@ -49,7 +49,6 @@ __all__ = ["COMPONENT_KINDS", "ContaminationMixture", "ContaminationParameters",
 COMPONENT_KINDS = ("particle", "outlier", "noise", "background")
 #: Kinds that are junk.
 JUNK_KINDS = ("outlier", "noise", "background")
-OWN_NOISE = False
 #: Spatial-frequency bands of the background spectra.
 N_BANDS = 10
 _LOG_PI = np.log(np.pi)
@@ -73,6 +72,17 @@ class ContaminationParameters(SteerableParameters):
     component_weights: np.ndarray = None
     background_spectra: np.ndarray = None
     outlier_inflation: float = 1.0
+
+    @property
+    def component_means(self) -> np.ndarray:
+        """(C, L) the mean of every component: an outlier twin has its particle class's mean, the noise and the
+        background components have mean zero."""
+        kinds = np.array(self.component_kinds)
+        means = np.zeros((kinds.size, self.means.shape[1]), dtype=self.means.dtype)
+        means[kinds == "particle"] = self.means
+        if (kinds == "outlier").any():
+            means[kinds == "outlier"] = self.means
+        return means
 
     @property
     def junk_fraction(self) -> float:
@@ -201,8 +211,7 @@ class ContaminationMixture(SteerableMixturePPCA):
     """
 
     def __init__(self, basis, n_components: int = 3, n_dims: int = 20, *, n_background: int = 3,
-                 outlier_inflation: float | None = 4.0, amplitudes=(1.0,), noise_floor: float | None = None,
-                 noise: str = "shared", max_iter: int = 100,
+                 outlier_inflation: float | None = 8.0, amplitudes=(1.0,), noise: str = "shared", max_iter: int = 100,
                  tol: float = 1e-6,
                  random_state: int | None = 0, init_sample_size: int = 20000, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         super().__init__(basis.angular_frequencies, basis.is_sine, basis.radial_indices, n_components, n_dims,
@@ -214,9 +223,6 @@ class ContaminationMixture(SteerableMixturePPCA):
             raise ValueError(f"outlier_inflation must be above 1 (or None for no outlier twins), got {outlier_inflation!r}")
         self.basis = basis
         self.amplitudes = np.asarray(amplitudes, dtype=np.float64)
-        if noise_floor is not None and not noise_floor > 0:
-            raise ValueError(f"noise_floor must be a positive variance or None, got {noise_floor!r}")
-        self.noise_floor = noise_floor
         self.n_background = int(n_background)
         self.outlier_inflation = outlier_inflation
         self.bands = BackgroundBands(basis, self.layout) if self.n_background else None
@@ -271,8 +277,7 @@ class ContaminationMixture(SteerableMixturePPCA):
         outliers = kinds == "outlier"
         responsibilities[:, outliers] = 0.02  # the twins start small: they take what the classes cannot explain
         responsibilities /= responsibilities.sum(axis=1, keepdims=True)
-        noise_energy = float(responsibilities[:, list(kinds).index("noise")] @ energy)
-        self._m_step(self._statistics(sample, responsibilities), responsibilities.sum(axis=0), noise_energy)
+        self._m_step(self._statistics(sample, responsibilities), responsibilities.sum(axis=0))
         self.log_likelihood_ = []
         self.n_iter_ = 0
         self.n_reseeded_ = 0
@@ -310,8 +315,6 @@ class ContaminationMixture(SteerableMixturePPCA):
         data = self._check_data(data, fitting=False, check_finite=False)
         statistics = _Statistics(self.layout, self._statistics_columns.size)
         totals = np.zeros(len(self.component_kinds_))
-        noise_energy = 0.0
-        noise_column = self.component_kinds_.index("noise")
         total_log_likelihood = 0.0
         for _, rows in self._chunks(data):
             log_dens, moments = self._log_densities(rows, amplitude_moments=True)
@@ -319,17 +322,17 @@ class ContaminationMixture(SteerableMixturePPCA):
             responsibilities = np.exp(log_dens - log_norm[:, None])
             self._add(statistics, rows, responsibilities, moments)
             totals += responsibilities.sum(axis=0)
-            noise_energy += float(responsibilities[:, noise_column] @ np.einsum("ij,ij->i", rows, rows))
             total_log_likelihood += float(log_norm.sum())
-        self._m_step(statistics, totals, noise_energy)
+        self._m_step(statistics, totals)
         mean_log_likelihood = total_log_likelihood / data.shape[0]
         self.log_likelihood_.append(mean_log_likelihood)
         self.n_iter_ += 1
         return mean_log_likelihood
 
-    def _m_step(self, statistics: _Statistics, totals: np.ndarray, noise_energy: float) -> None:
-        """Particle classes (:meth:`_maximize_classes`), background spectra by moments, the noise variance of the
-        empty-box component (``noise_energy`` = sum_i r_i |y_i|^2), and all weights."""
+    def _m_step(self, statistics: _Statistics, totals: np.ndarray) -> None:
+        """Particle classes (:meth:`_maximize_classes`), background spectra by moments, and all weights; the
+        empty-box component has the particle classes' noise variance (a variance of its own, fitted to its
+        members, was measured to take faint particles in: benchmarks/README.md)."""
         m = self.n_components
         healthy = totals[:m] >= self.n_dims + 1
         if healthy.any():
@@ -337,10 +340,8 @@ class ContaminationMixture(SteerableMixturePPCA):
         self.component_weights_ = np.maximum(totals, 1e-300) / max(totals.sum(), 1e-300)
         self.weights_ = self.component_weights_[:m] / self.component_weights_[:m].sum()
         sigma2 = float(np.average(self.noise_variance_, weights=self.weights_))
-        n_features = self.layout.n_features
-        noise_total = totals[self.component_kinds_.index("noise")]
-        self.empty_variance_ = noise_energy / (n_features * noise_total) if noise_total > 1.0 and OWN_NOISE else sigma2
-        self._noise_log_normaliser = 0.5 * n_features * (_LOG_2PI + np.log(self.empty_variance_))
+        self.empty_variance_ = sigma2
+        self._noise_log_normaliser = 0.5 * self.layout.n_features * (_LOG_2PI + np.log(sigma2))
         self.background_spectra_ = np.zeros((self.n_background, self.bands.n_bands if self.bands else 0))
         self._backgrounds = []
         for j in range(self.n_background):
@@ -359,7 +360,7 @@ class ContaminationMixture(SteerableMixturePPCA):
         of S (as SteerableMixturePPCA), and the noise is what the unscaled images leave off the subspace:
         sigma^2 = T (tr S - sum_K lambda) / (R (L - K)) with R = sum r (``responsibilities``). The signal
         variance along an axis is lambda - sigma^2 R / T (the scaled noise removed); ``variances_`` stores
-        it plus sigma^2, so that amplitude a has variance a^2 (variances_ - sigma^2) + sigma^2.
+        it plus sigma^2, so that amplitude a has variance a^2 (variances_ - sigma^2) + sigma^2 along it.
         """
         layout = self.layout
         n_features, k = layout.n_features, self.n_dims
@@ -367,29 +368,21 @@ class ContaminationMixture(SteerableMixturePPCA):
         zero_means = statistics.zero_sums / weights_a2[:, None]
         traces = statistics.energies / weights_a2 - np.einsum("ml,ml->m", zero_means, zero_means)
         axes, variances, residual = self.axes_.copy(), self.variances_.copy(), self.noise_variance_.copy()
-        captured = np.zeros(self.n_components)
-        # the noise's share of the scaled images' variance: nu / a^2 averaged with weights r a^2 = nu R / T
-        nu = self.noise_floor
-        scaled_noise = None if nu is None else nu * np.maximum(responsibilities, 1e-300) / weights_a2
         for m in np.flatnonzero(update):
             zero_covariance = statistics.zero_moments[m] / weights_a2[m] - np.outer(zero_means[m], zero_means[m])
             group_covariances = [moments[m] / weights_a2[m] for moments in statistics.group_moments]
             axes[m], variances[m] = self._top_axes(zero_covariance, group_covariances)
             off_subspace = max(traces[m] - variances[m].sum(), 0.0) / (n_features - k)  # of the scaled images
-            if nu is None:  # all of it noise, which the scaling divided by a^2
-                residual[m] = off_subspace * weights_a2[m] / max(responsibilities[m], 1e-300)
-            else:  # the noise nu / a^2 and unmodelled signal tau^2 (scaled like the signal): sigma^2 = tau^2 + nu
-                residual[m] = max(off_subspace - scaled_noise[m], 0.0) + nu
+            # all of it noise, which the scaling divided by a^2
+            residual[m] = off_subspace * weights_a2[m] / max(responsibilities[m], 1e-300)
         if self.noise == "shared":
             share = responsibilities[update] / max(responsibilities[update].sum(), 1e-300)
             residual[update] = np.sum(share * residual[update])
         floor = 1e-10 * max(float(np.max(traces[update])) / n_features, 1e-300)
         residual = np.where(update, np.maximum(residual, floor), residual)
-        if nu is None:
-            scaled_noise = residual * np.maximum(responsibilities, 1e-300) / weights_a2
-            signal = np.maximum(variances - scaled_noise[:, None], 0.0)
-        else:
-            signal = np.maximum(variances - scaled_noise[:, None] - (residual - nu)[:, None], 0.0)
+        # the noise's share of the scaled images' variance: sigma^2 / a^2 averaged with weights r a^2 = sigma^2 R / T
+        scaled_noise = residual * np.maximum(responsibilities, 1e-300) / weights_a2
+        signal = np.maximum(variances - scaled_noise[:, None], 0.0)
         self.means_[update] = 0.0
         self.means_[np.ix_(update, layout.zero_columns)] = zero_means[update]
         self.axes_ = np.where(update[:, None, None], axes, self.axes_)
@@ -415,8 +408,6 @@ class ContaminationMixture(SteerableMixturePPCA):
         mean_norms = np.einsum("ml,ml->m", self.means_, self.means_)
         mean_projections = np.einsum("mkl,ml->mk", self.axes_, self.means_)  # (M, K)
         sigma2 = self.noise_variance_
-        # the noise that does not scale with the amplitude (all of the residual without a noise floor)
-        nu = sigma2 if self.noise_floor is None else np.minimum(self.noise_floor, sigma2)
 
         def class_log_density(amplitude, variances, residual_variance):
             centred = projections - amplitude * mean_projections[None]
@@ -428,11 +419,10 @@ class ContaminationMixture(SteerableMixturePPCA):
             return -0.5 * (n_features * _LOG_2PI + log_det[None] + mahalanobis)
 
         def amplitude_mixture(inflation):
-            # amplitude a: signal along the axes a^2 (lambda - nu) (inflated for an outlier), unmodelled signal
-            # a^2 (sigma^2 - nu) in the other directions, plus the noise nu
+            # amplitude a: signal a^2 (lambda - sigma^2) along the axes (inflated for an outlier), plus the noise
             per_amplitude = np.stack([
-                class_log_density(a, inflation * a**2 * (self.variances_ - nu[:, None]) + nu[:, None],
-                                  a**2 * (sigma2 - nu) + nu)
+                class_log_density(a, inflation * a**2 * (self.variances_ - sigma2[:, None]) + sigma2[:, None],
+                                  sigma2)
                 for a in self.amplitudes])  # (n_a, c, M)
             total = logsumexp_rows(per_amplitude.transpose(1, 2, 0).reshape(-1, self.amplitudes.size))
             return per_amplitude, total.reshape(-1, m_count) - np.log(self.amplitudes.size)

@@ -12,17 +12,23 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import scipy.special
 
 from .contamination import ContaminationMixture, JunkLogOdds
 from .mppca import MixturePPCA
 from .sorting import SortingFactorScore
 from .steerable import MeanEvidenceScore, SteerableMixturePPCA
 
-__all__ = ["ModelSpec", "MODELS", "score_label", "PRUNE_PROBABILITY"]
+__all__ = ["ModelSpec", "MODELS", "score_label", "junk_probability", "PRUNE_PROBABILITY"]
 
 #: Junk probability above which the contamination model's rounds prune an image while the model learns; the
 #: final cut is at 1/2.
 PRUNE_PROBABILITY = 0.99
+#: The contamination model's amplitude grid (particles of one class differ in contrast with ice thickness and
+#: defocus) and the signal-variance factor of its outlier twins; chosen with the particle-mask margin on the
+#: contamination benchmark's tuning seeds (benchmarks/README.md).
+PARTICLE_AMPLITUDES = (2**-0.25, 1.0, 2**0.25)
+OUTLIER_INFLATION = 8.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,9 @@ def _steerable(settings, basis):
 
 
 def _contamination(settings, basis):
-    model = ContaminationMixture(basis, settings.n_subspaces, settings.subspace_dimension, noise=settings.noise,
-                                 random_state=settings.random_state)
+    model = ContaminationMixture(basis, settings.n_subspaces, settings.subspace_dimension,
+                                 outlier_inflation=OUTLIER_INFLATION, amplitudes=PARTICLE_AMPLITUDES,
+                                 noise=settings.noise, random_state=settings.random_state)
     return model, JunkLogOdds()
 
 
@@ -90,3 +97,11 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
 def score_label(settings) -> str:
     """What the junk score of a sort with ``settings`` is, for axis labels and reports."""
     return MODELS[settings.model].score_label
+
+
+def junk_probability(settings, scores) -> np.ndarray | None:
+    """(N,) the junk probability of each image from its final ``scores`` (N,) under ``settings``' model, or None
+    for a model whose score is not the log-odds of junk (those with a ``score_cut``)."""
+    if MODELS[settings.model].score_cut is None:
+        return None
+    return scipy.special.expit(np.asarray(scores, dtype=np.float64))

@@ -28,6 +28,8 @@ __all__ = ["NoiseSpectrum", "estimate_noise_spectrum", "noise_levels", "estimate
 
 #: Spatial frequencies (cycles per pixel) in which an image's own noise level is measured.
 NOISE_BAND = (0.3, 0.5)
+#: Smallest noise power whitening assumes, as a fraction of the largest (100x amplification at most).
+WHITENING_RANGE = 1e-4
 #: Gaussian low-pass (cycles per pixel, 1/e radius) of the energy profile that sizes the particle.
 RADIUS_LOW_PASS = 0.15
 #: Fraction of the median image's excess energy inside the estimated particle radius.
@@ -96,7 +98,9 @@ def estimate_noise_spectrum(images: np.ndarray, background_radius: float | None 
     bias = scipy.stats.gamma.median(independent) / independent
     estimate = np.median(ring_power, axis=0) / bias
     estimate[0] = estimate[1]
-    floor = 1e-12 * max(float(estimate.max()), 1e-300)
+    # a bounded dynamic range: whitening amplifies no frequency more than 1/sqrt(WHITENING_RANGE) times the
+    # noisiest one (noise-free or band-limited data would otherwise be amplified without limit)
+    floor = WHITENING_RANGE * max(float(estimate.max()), np.finfo(np.float32).tiny)
     return NoiseSpectrum(box=box, power=np.maximum(estimate, floor))
 
 

@@ -34,6 +34,11 @@ class BadImageError(ValueError):
         self.reason = reason
         self.constant_background = constant_background
 
+    def of_particles(self, indices) -> "BadImageError":
+        """The same error naming the particle: ``indices`` are the particle indices of the batch's images."""
+        return BadImageError(int(indices[self.position]), self.reason, label="particle",
+                             constant_background=self.constant_background)
+
 
 def default_radius(box_size: int) -> float:
     """Default mask and basis radius in pixels for a ``box_size`` box: ``box_size // 2 - 1``."""

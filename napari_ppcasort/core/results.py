@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import InputError, literal
+from .models import junk_probability
 from .outputs import OutputSet
 from .particles import FORMATS, _image_path_name, input_files, open_particles, subset_paths, write_subset
 from .selection import OVERRIDES_KEY, Overrides, base_mask, kept_mask as selected_mask, read_overrides_file
@@ -57,7 +58,8 @@ class Column:
 
     Attributes:
         name: its column in scores.csv.
-        values: ``values(final, kept_mask) -> (N,)``, from the last SortRound and the (N,) bool kept mask.
+        values: ``values(result, kept_mask) -> (N,) or None``, from the result (its ``final`` SortRound and its
+            ``settings``) and the (N,) bool kept mask; None when the column does not apply to the result's model.
         text: how one value is written in scores.csv.
         star_label: its column in the kept and rejected STAR files (None: scores.csv only).
     """
@@ -70,9 +72,12 @@ class Column:
 
 #: The per-particle outputs, in the order of their columns (after ``index`` and ``image_name``).
 COLUMNS: tuple[Column, ...] = (
-    Column("score", lambda final, kept: final.final_scores, lambda value: repr(float(value)), "ppcasortScore"),
-    Column("removal_round", lambda final, kept: final.removal_round, lambda value: str(int(value)), "ppcasortRound"),
-    Column("kept", lambda final, kept: kept, lambda value: str(int(value))),
+    Column("score", lambda result, kept: result.final.final_scores, lambda value: repr(float(value)), "ppcasortScore"),
+    Column("junk_probability", lambda result, kept: junk_probability(result.settings, result.final.final_scores),
+           lambda value: f"{float(value):.6g}", "ppcasortJunkProbability"),
+    Column("removal_round", lambda result, kept: result.final.removal_round, lambda value: str(int(value)),
+           "ppcasortRound"),
+    Column("kept", lambda result, kept: kept, lambda value: str(int(value))),
 )
 
 
@@ -133,11 +138,17 @@ def open_results_folder(folder, particles, *, force: bool = False, inputs=()) ->
 
 
 def particle_columns(result, kept_mask) -> dict[str, np.ndarray]:
-    """The per-particle outputs of ``result`` (a SortResult or a RecordedResult) by column name (:data:`COLUMNS`),
-    each (N,), for the (N,) bool ``kept_mask``; a RecordedResult gives the values it read from scores.csv."""
+    """The per-particle outputs of ``result`` (a SortResult or a RecordedResult) by column name (:data:`COLUMNS`,
+    those that apply to its model), each (N,), for the (N,) bool ``kept_mask``; a RecordedResult gives the values
+    it read from scores.csv."""
     recorded = getattr(result, "recorded_columns", {})
-    return {column.name: np.asarray(recorded[column.name] if column.name in recorded and column.name != "kept"
-                                    else column.values(result.final, kept_mask)) for column in COLUMNS}
+    columns = {}
+    for column in COLUMNS:
+        values = recorded[column.name] if column.name in recorded and column.name != "kept" else \
+            column.values(result, kept_mask)
+        if values is not None:
+            columns[column.name] = np.asarray(values)
+    return columns
 
 
 def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = True, title: str | None = None,
@@ -158,7 +169,7 @@ def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = T
     if kept_mask.shape != (final.n_total,):
         raise ValueError(f"kept_mask must have one entry per particle ({final.n_total}), got shape {kept_mask.shape}")
     columns = particle_columns(result, kept_mask)
-    extra = {column.star_label: columns[column.name] for column in COLUMNS if column.star_label}
+    extra = {column.star_label: columns[column.name] for column in COLUMNS if column.star_label and column.name in columns}
     for name, mask in ((KEPT, kept_mask), (REJECTED, ~kept_mask)):
         if not mask.any():
             continue
@@ -218,13 +229,14 @@ def _image_names(particles) -> list[str] | None:
 
 
 def _write_scores(path: Path, columns: dict[str, np.ndarray], names: list[str] | None) -> None:
-    values = [columns[column.name] for column in COLUMNS]
+    written = [column for column in COLUMNS if column.name in columns]
+    values = [columns[column.name] for column in written]
     with open(path, "x", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "image_name", *(column.name for column in COLUMNS)])
+        writer.writerow(["index", "image_name", *(column.name for column in written)])
         for i in range(values[0].size):
             writer.writerow([i, names[i] if names else "",
-                             *(column.text(column_values[i]) for column, column_values in zip(COLUMNS, values))])
+                             *(column.text(column_values[i]) for column, column_values in zip(written, values))])
 
 
 def _save_png(figure, path: Path) -> None:

@@ -1,0 +1,140 @@
+"""The contamination model: its densities, its junk components, and the default sort on small realistic stacks."""
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+from napari_ppcasort import SortSettings, open_particles, sort_particles
+from napari_ppcasort.core.bases import PSWFBasis
+from napari_ppcasort.core.contamination import BackgroundBands, ContaminationMixture, _Gaussian
+from napari_ppcasort.core.micrograph import simulate_picked_stack
+from napari_ppcasort.core.simulate import LABEL_NAMES, PARTICLE, write_simulated
+from napari_ppcasort.core.steerable import SteerableLayout
+
+
+@pytest.fixture(scope="module")
+def small_basis():
+    return PSWFBasis(24, radius=10, max_coefficients=60)
+
+
+def test_background_bands_add_up_to_white_noise(small_basis):
+    layout = SteerableLayout(small_basis.angular_frequencies, small_basis.is_sine, small_basis.radial_indices)
+    bands = BackgroundBands(small_basis, layout)
+    # the bands are a partition of unity over the frequencies the basis holds: white noise is sum_l G_l = B^T B = I
+    np.testing.assert_allclose(bands.zero.sum(axis=0), np.eye(bands.zero.shape[1]), atol=0.03)
+    for blocks in bands.groups:
+        np.testing.assert_allclose(blocks.sum(axis=0), 2 * np.broadcast_to(np.eye(blocks.shape[-1]), blocks.shape[1:]),
+                                   atol=0.06)
+    # white noise of variance 2 is fitted as theta = 2 in every band the basis sees
+    rng = np.random.default_rng(0)
+    coefficients = np.sqrt(2.0) * rng.standard_normal((20000, small_basis.n_coefficients))
+    zero = coefficients[:, layout.zero_columns]
+    groups = [np.einsum("gca,gcb->gab", z, z.conj()) for z in
+              [(coefficients[:, c] + 1j * coefficients[:, s]).transpose(1, 0, 2) for c, s in layout.size_groups]]
+    theta = bands.fit(zero.T @ zero, groups, coefficients.shape[0])
+    covariance_zero, _ = bands.covariances(theta, floor=1e-6)
+    np.testing.assert_allclose(np.diag(covariance_zero), 2.0, rtol=0.1)
+
+
+def test_block_gaussian_density_matches_the_real_gaussian(small_basis):
+    layout = SteerableLayout(small_basis.angular_frequencies, small_basis.is_sine, small_basis.radial_indices)
+    rng = np.random.default_rng(1)
+    n0 = layout.zero_columns.size
+    a = rng.standard_normal((n0, n0))
+    zero = a @ a.T + np.eye(n0)
+    groups = []
+    for cos, _ in layout.size_groups:
+        b = rng.standard_normal((cos.shape[0], cos.shape[1], cos.shape[1])) + 1j * rng.standard_normal(
+            (cos.shape[0], cos.shape[1], cos.shape[1]))
+        groups.append(np.einsum("gab,gcb->gac", b, b.conj()) + np.eye(cos.shape[1]))
+    # the real covariance of y: E[x x^T] = zero; for a block with E[z z^H] = C, E[(a, b)(a, b)^T] = [[Re, -Im], [Im, Re]] / 2
+    covariance = np.zeros((layout.n_features, layout.n_features))
+    covariance[np.ix_(layout.zero_columns, layout.zero_columns)] = zero
+    for (cos, sin), blocks in zip(layout.size_groups, groups):
+        for c, s, block in zip(cos, sin, blocks):
+            covariance[np.ix_(c, c)] = covariance[np.ix_(s, s)] = block.real / 2
+            covariance[np.ix_(s, c)] = block.imag / 2
+            covariance[np.ix_(c, s)] = -block.imag / 2
+    rows = rng.multivariate_normal(np.zeros(layout.n_features), covariance, size=5)
+    model = ContaminationMixture.__new__(ContaminationMixture)
+    model.layout = layout
+    density = _Gaussian(zero, groups).log_density(*model._split(rows))
+    np.testing.assert_allclose(density, multivariate_normal(np.zeros(layout.n_features), covariance).logpdf(rows),
+                               rtol=1e-8)
+
+
+def test_particle_class_density_with_amplitudes_matches_the_gaussian_mixture(small_basis):
+    rng = np.random.default_rng(2)
+    data = rng.standard_normal((400, small_basis.n_coefficients))
+    model = ContaminationMixture(small_basis, n_components=2, n_dims=4, amplitudes=(0.7, 1.0, 1.4)).initialize(data)
+    model.step(data)
+    rows = data[:3]
+    log_dens = model._log_densities(rows)
+    m = 0
+    covariance_axes = model.axes_[m].T @ np.diag(model.variances_[m] - model.noise_variance_[m]) @ model.axes_[m]
+    expected = np.log(model.component_weights_[m]) + np.log(np.mean([
+        multivariate_normal(a * model.means_[m], a**2 * covariance_axes
+                            + model.noise_variance_[m] * np.eye(rows.shape[1])).pdf(rows)
+        for a in (0.7, 1.0, 1.4)], axis=0))
+    np.testing.assert_allclose(log_dens[:, m], expected, rtol=1e-7)
+    # the columns are the components, in the order of component_kinds_
+    assert log_dens.shape[1] == len(model.component_kinds_)
+    assert model.component_kinds_.count("particle") == 2 and "noise" in model.component_kinds_
+
+
+def _auc(positive, negative):
+    return float(np.mean(positive[:, None] > negative[None, :]) + 0.5 * np.mean(positive[:, None] == negative[None, :]))
+
+
+@pytest.fixture(scope="module")
+def realistic_sort(tmp_path_factory):
+    """The default sort of 2,000 simulated picks (30% junk, SNR 1/10), read from the STAR file like a user's."""
+    stack = simulate_picked_stack(2000, snr=1 / 10, junk_fraction=0.3, random_state=7)
+    paths = write_simulated(stack, tmp_path_factory.mktemp("picks"), name="picks")
+    return sort_particles(open_particles(paths["star"])), stack.labels
+
+
+def test_every_junk_class_scores_as_junk(realistic_sort):
+    result, labels = realistic_sort
+    particle_scores = result.scores[labels == PARTICLE]
+    for code in np.unique(labels[labels != PARTICLE]):
+        assert _auc(result.scores[labels == code], particle_scores) > 0.9, LABEL_NAMES[int(code)]
+    assert _auc(result.scores[labels != PARTICLE], particle_scores) > 0.95
+
+
+def test_the_default_cut_keeps_particles_and_removes_junk(realistic_sort):
+    result, labels = realistic_sort
+    kept = result.kept_mask
+    assert np.mean(labels[kept] == PARTICLE) > 0.93
+    assert np.mean(kept[labels == PARTICLE]) > 0.9
+    # the cut is the model's own: junk probability 1/2 (log-odds 0), applied to every image the rounds left
+    assert np.all(result.scores[kept] <= 0)
+    assert np.all(result.scores[~kept] > 0)
+
+
+def test_the_automatic_cut_lies_in_the_valley_of_the_histogram(realistic_sort):
+    result, _ = realistic_sort
+    scores = np.clip(result.scores, -40, 40)
+    counts, edges = np.histogram(scores, bins=np.arange(-40, 41, 4.0))
+    at_cut = counts[np.searchsorted(edges, 0.0, side="right") - 1]
+    assert at_cut < 0.25 * counts[edges[:-1] < 0].max()
+    assert at_cut < 0.5 * counts[edges[:-1] > 0].max()
+
+
+def test_junk_probability_is_calibrated(realistic_sort):
+    result, labels = realistic_sort
+    probability = 1 / (1 + np.exp(-np.clip(result.scores, -50, 50)))
+    bins = np.minimum((probability * 10).astype(int), 9)
+    counts = np.bincount(bins, minlength=10)
+    mean_p = np.bincount(bins, probability, minlength=10) / np.maximum(counts, 1)
+    fraction = np.bincount(bins, (labels != PARTICLE).astype(float), minlength=10) / np.maximum(counts, 1)
+    expected_calibration_error = np.sum(counts * np.abs(mean_p - fraction)) / counts.sum()
+    assert expected_calibration_error < 0.06
+    # the estimated junk fraction is the mean probability, within 5 points of the truth
+    assert abs(probability.mean() - np.mean(labels != PARTICLE)) < 0.05
+
+
+def test_a_stack_without_junk_keeps_almost_everything(tmp_path):
+    stack = simulate_picked_stack(1500, snr=1 / 10, junk_fraction=0.0, random_state=8)
+    result = sort_particles(stack.images)  # an array: no CTF, no pixel size
+    assert result.kept_mask.mean() > 0.95
