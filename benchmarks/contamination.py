@@ -140,11 +140,13 @@ MODELS_WITH_PROBABILITY = _models_with_probability()
 JUNK_COLUMNS = ("off_centre", "aggregate", "ice", "carbon", "empty")
 
 
-def print_table(results: list[tuple[str, dict]]) -> None:
-    header = ("| stack | method | AUC | " + " | ".join(JUNK_COLUMNS)
-              + " | purity % | recall % | kept % | junk est./true % | ECE | sort (s) |")
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+def print_table(results: list[tuple[str, dict]], header: bool = True, stream=None) -> None:
+    stream = sys.stdout if stream is None else stream
+    title = ("| stack | method | AUC | " + " | ".join(JUNK_COLUMNS)
+             + " | purity % | recall % | kept % | junk est./true % | ECE | sort (s) |")
+    if header:
+        print(title, file=stream)
+        print("|" + "---|" * (title.count("|") - 1), file=stream)
     for stack_name, rows in results:
         for method, row in rows.items():
             cells = [stack_name, method, _fmt(row.get("auc"))] + [_fmt(row.get(c)) for c in JUNK_COLUMNS]
@@ -153,7 +155,7 @@ def print_table(results: list[tuple[str, dict]]) -> None:
             cells += [f"{100 * row['purity']:.1f}", f"{100 * row['recall']:.1f}", f"{100 * row['kept']:.1f}",
                       ("" if estimate is None else f"{100 * estimate:.1f}") + f"/{100 * true_junk:.0f}",
                       _fmt(row.get("ece"), 3), f"{row['seconds']:.0f}"]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            print("| " + " | ".join(cells) + " |", file=stream, flush=True)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -225,6 +227,7 @@ def main(argv=None) -> int:
                     print(f"# {name}: {len(stack.labels)} picks simulated in {time.monotonic() - started:.0f} s",
                           file=sys.stderr, flush=True)
                     results.append((name, evaluate(stack, Path(tmp) / "stack", methods)))
+                    print_table(results[-1:], header=False, stream=sys.stderr)  # progress, the row as it comes
     print_table(results)
     if args.figure:
         draw_figure([r for r in results if "default" in r[1]], args.figure)

@@ -192,3 +192,18 @@ def test_the_options_and_their_help_come_from_the_schema():
         if declaration.allowed:
             assert "{" + ",".join(declaration.allowed) + "}" in text
     assert "--normalize, --no-normalize" in text
+
+
+def test_a_parameters_file_from_before_the_stop_setting_runs_as_it_did(tmp_path):
+    old = {"model": "steerable", "n_rounds": 5, "alpha": 0.05, "outlier_threshold": None}
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"settings": old}))
+    settings = SortSettings.from_dict(read_settings_file(path))
+    assert (settings.model, settings.stop, settings.n_rounds, settings.alpha) == ("steerable", "schedule", 5, 0.05)
+    path.write_text(json.dumps({"settings": {**old, "outlier_threshold": 3.0, "n_rounds": None}}))
+    settings = SortSettings.from_dict(read_settings_file(path))
+    assert (settings.stop, settings.outlier_threshold, settings.n_rounds) == ("junk-left", 3.0, None)
+    # a file of today that gives the threshold as null is an error, not a migration
+    path.write_text(json.dumps({"settings": {**old, "stop": "junk-left"}}))
+    with pytest.raises(SettingsError, match='"outlier_threshold" must be a number above 0'):
+        read_settings_file(path)

@@ -327,6 +327,20 @@ def cli_name(name: str, form: str = "") -> str:
     return "--no-" + option[2:] if form == "off" else option
 
 
+def _from_before_stop(values: dict) -> dict:
+    """The settings of a file written before the ``stop`` setting existed, as they ran then: a complete record
+    (it has ``model``) without ``stop`` stopped by its schedule unless ``outlier_threshold`` was set."""
+    if "stop" in values or "model" not in values or "outlier_threshold" not in values:
+        return values
+    values = dict(values)
+    if values["outlier_threshold"] is None:
+        del values["outlier_threshold"]
+        values["stop"] = "schedule"
+    else:
+        values["stop"] = "junk-left"
+    return values
+
+
 def read_settings_file(path) -> dict:
     """The settings stored in a ``parameters.json`` (its "settings" entry) or in a JSON object of settings.
 
@@ -354,6 +368,7 @@ def read_settings_file(path) -> dict:
     values = content.get("settings", content) if isinstance(content, dict) else None
     if not isinstance(values, dict):
         raise SettingsError(f"{literal(path)}: expected a parameters.json of ppcasort or a JSON object of settings")
+    values = _from_before_stop(values)
     checked = {}
     try:
         _refuse_unknown(values)
