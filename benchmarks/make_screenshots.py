@@ -3,11 +3,13 @@ empty boxes, off-centre picks: core.micrograph.simulate_picked_stack), opened in
 
     screenshots/sort_during_run.png       the class view while the sort runs (round 3)
     screenshots/gallery_near_cut.png      the gallery around the cut after the run (true classes on the tiles)
-    screenshots/classes.png               the class view after the run (aligned averages, counts, decisions)
+    screenshots/classes.png               the class view after the run (aligned averages, counts, decisions), from
+                                          the last particle class down through the junk components
     screenshots/histogram_dragged_cut.png the cut dragged on the histogram (mouse events on the plot)
 
 Run from the repository root: xvfb-run -a -s "-screen 0 1600x1000x24" python3 benchmarks/make_screenshots.py
-[--images 3000]. Qt 6 is used when PyQt6 is installed (napari shows a PyQt5 deprecation notice over the canvas).
+[--images 3000]. Qt 6 is used when PyQt6 is installed (with PyQt5 napari shows a deprecation notice over the
+canvas; it is closed before each screenshot).
 """
 import argparse
 import importlib.util
@@ -22,7 +24,7 @@ if importlib.util.find_spec("PyQt6") is not None:
 import napari
 import numpy as np
 from qtpy.QtCore import QPoint, Qt, QTimer
-from qtpy.QtWidgets import QApplication
+from qtpy.QtWidgets import QApplication, QScrollArea, QWidget
 
 from napari_ppcasort.core.micrograph import simulate_picked_stack
 from napari_ppcasort.core.simulate import write_simulated
@@ -49,11 +51,22 @@ def main() -> None:
             app.processEvents()
             time.sleep(0.01)
 
+    def dismiss_notifications():  # napari's notices (the PyQt5 deprecation) stay over the canvas under Xvfb
+        for notice in window.findChildren(QWidget):
+            if type(notice).__name__ == "NapariQtNotification" and notice.isVisible():
+                notice.close()
+
+    def screenshot(name):
+        dismiss_notifications()
+        app.processEvents()
+        return viewer.screenshot(str(OUT / name), canvas_only=False)
+
     viewer.open(str(star), plugin="napari-ppcasort")
     viewer.scale_bar.visible = True
     dock, widget = viewer.window.add_plugin_dock_widget("napari-ppcasort", "Sort particles")
     window.resizeDocks([dock], [800], Qt.Orientation.Horizontal)
     settle(1.0)
+    dismiss_notifications()
     viewer.reset_view()  # the particle fills the canvas left by the dock
 
     shots = {}
@@ -61,7 +74,7 @@ def main() -> None:
     def grab_mid_run(event):
         if event.result.round == 3 and "during" not in shots:
             QTimer.singleShot(300, lambda: shots.setdefault(
-                "during", viewer.screenshot(str(OUT / "sort_during_run.png"), canvas_only=False)))
+                "during", screenshot("sort_during_run.png")))
 
     widget.round_updated.connect(grab_mid_run)
     done = []
@@ -74,11 +87,24 @@ def main() -> None:
 
     widget.tabs.setCurrentIndex(2)
     settle(3.0)  # thumbnails load
-    viewer.screenshot(str(OUT / "gallery_near_cut.png"), canvas_only=False)
+    screenshot("gallery_near_cut.png")
 
+    # the class rows (particle classes, then the junk components: outlier twins, noise, background) need more
+    # height than the tab has beside the histogram: hide it for this screenshot, and scroll to the last particle
+    # class so that it and the junk components below it are in view
     widget.tabs.setCurrentIndex(1)
+    widget.histogram.hide()
     settle(1.0)
-    viewer.screenshot(str(OUT / "classes.png"), canvas_only=False)
+    class_view = widget.class_view
+    kinds = list(class_view.classes.kinds)
+    last_particle = max((m for m, kind in enumerate(kinds) if kind == "particle"), default=0)
+    rows = class_view.info[last_particle].parentWidget()
+    class_view.findChild(QScrollArea).verticalScrollBar().setValue(
+        max(rows.layout().cellRect(last_particle, 0).top() - rows.layout().verticalSpacing(), 0))
+    settle(0.5)
+    screenshot("classes.png")
+    widget.histogram.show()
+    settle(1.0)
 
     # drag the cut on the histogram, with the mouse, to keep fewer particles
     histogram = widget.histogram
@@ -100,7 +126,7 @@ def main() -> None:
     QTest.mouseRelease(histogram, Qt.MouseButton.LeftButton, no_key, pixel(target))
     widget.tabs.setCurrentIndex(2)
     settle(3.0)
-    viewer.screenshot(str(OUT / "histogram_dragged_cut.png"), canvas_only=False)
+    screenshot("histogram_dragged_cut.png")
     print("dragged:", widget.review.panel.counts.value)
     viewer.close()
 

@@ -28,6 +28,16 @@ AVERAGE_PIXELS = 96
 COMPONENT_PIXELS = 48
 
 
+def _subspace_of(kinds, component: int, n_subspaces: int) -> int | None:
+    """The subspace (row of the components) of ``component``: its own for a particle class, its particle class's
+    for an outlier twin (the same subspace with more variance; twins follow the classes in order), else None."""
+    if component < n_subspaces:
+        return component
+    if kinds[component] == "outlier":
+        return component - kinds.index("outlier")
+    return None
+
+
 def _pixmap(image: np.ndarray, size: int, symmetric: bool = False) -> QPixmap:
     """A (box, box) image as a size x size pixmap; ``symmetric``: 0 is mid-grey (signed components)."""
     image = np.asarray(image, dtype=np.float32)
@@ -139,13 +149,15 @@ class ClassView(QWidget):
         total = max(int(classes.counts.sum()), 1)
         for m in range(n):
             self._averages[m].setPixmap(_pixmap(classes.averages[m], AVERAGE_PIXELS))
+            subspace = _subspace_of(classes.kinds, m, components.shape[0])
             for j, label in enumerate(self._components[m]):
-                if m < components.shape[0]:
-                    label.setPixmap(_pixmap(components[m, j], COMPONENT_PIXELS, symmetric=True))
-                else:  # a junk component (noise, background) has no subspace
+                if subspace is None:  # a noise or background component has no subspace
                     label.clear()
-            self._averages[m].setToolTip(f"class {m + 1}: the average of its {classes.counts[m]} members "
-                                         f"({alignment})")
+                else:
+                    label.setPixmap(_pixmap(components[subspace, j], COMPONENT_PIXELS, symmetric=True))
+            self._averages[m].setToolTip(
+                f"class {m + 1}: the average of its {classes.counts[m]} members ({alignment})" if classes.counts[m]
+                else f"class {m + 1}: no member; its model mean")
             self.decisions[m].setEnabled(decisions_enabled)
         self._total = total
         self._kept_counts = None

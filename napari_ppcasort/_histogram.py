@@ -125,15 +125,18 @@ class ScoreHistogram(QWidget):
         self.update()
 
     def show_scores(self, scores: np.ndarray, kept: np.ndarray, cut: float | None, title: str, *,
-                    automatic_cut: float | None = None, probability: np.ndarray | None = None) -> None:
+                    automatic_cut: float | None = None, probability: np.ndarray | None = None,
+                    limits: tuple[float, float] | None = None) -> None:
         """Show ``scores`` (n,) with the (n,) bool ``kept`` side in its colour and the cut line at ``cut``.
 
         automatic_cut : the sort's own cut, drawn dotted. probability : (n,) junk probabilities of the same
-        particles (a model that gives them), read on a second axis on top.
+        particles (a model that gives them), read on a second axis on top. limits : the widest range drawn
+        (``ModelSpec.score_limits``); scores beyond it are counted in the end bins.
         """
         self.scores = np.asarray(scores, dtype=np.float64)
         self.automatic_cut = None if automatic_cut is None else float(automatic_cut)
-        self.edges, logarithmic = score_bin_edges(self.scores, N_BINS, tail=TAIL, include=(cut, automatic_cut))
+        self.edges, logarithmic = score_bin_edges(self.scores, N_BINS, tail=TAIL, include=(cut, automatic_cut),
+                                                  limits=limits)
         if logarithmic != self.logarithmic:
             self._x_range = None
         self.logarithmic = logarithmic

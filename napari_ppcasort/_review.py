@@ -27,7 +27,7 @@ from ._classes import BY_SCORE, KEEP_ALL, REJECT_ALL
 from ._reader import ParticleStack
 from ._worker import widget_name
 from .core.errors import PPCASortError
-from .core.models import score_label
+from .core.models import MODELS, score_label
 from .core.results import existing_results, particle_columns
 from .core.simulate import LABEL_NAMES
 
@@ -227,7 +227,8 @@ class ReviewController(QObject):
         self.histogram.show_trace(result.final.log_likelihood, iterations, result.final.log_likelihood.size)
         self.histogram.show_scores(result.scores, kept, curation.threshold,
                                    f"final scores of all {result.final.n_total} images (dotted: the sort's cut)",
-                                   automatic_cut=curation.automatic_cut, probability=probability)
+                                   automatic_cut=curation.automatic_cut, probability=probability,
+                                   limits=MODELS[result.settings.model].score_limits)
         if self.classes is not None:
             box = self.classes.averages.shape[-1]
             particles = result.particles
@@ -263,8 +264,9 @@ class ReviewController(QObject):
         if self.classes is not None:
             self.class_view.set_kept_counts(curation.kept_per_class(self.classes.n_components))
         n_kept, by_hand = int(kept.sum()), int(moved.sum())
-        self.panel.counts.value = (f"{n_kept} kept, {kept.size - n_kept} rejected (score <= {curation.threshold:.4g}"
-                                   + (f"; {by_hand} by hand or class)" if by_hand else ")"))
+        self.panel.counts.value = (f"{n_kept} kept (score <= {curation.threshold:.4g}"
+                                   + (f"; {by_hand} moved by hand or class)" if by_hand else ")")
+                                   + f", {kept.size - n_kept} rejected")
         self.panel.undo.enabled = bool(curation.hand or curation.class_decisions)
 
     def _active(self) -> bool:

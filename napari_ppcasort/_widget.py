@@ -41,13 +41,16 @@ from ._review import ReviewController
 from ._settings_form import SettingsForm, particle_layer
 from ._worker import CoefficientsProgress, IterationDone, RoundDone, RunFailed, SortFinished, SortStarted
 from .core.errors import PPCASortError
-from .core.models import score_label
+from .core.models import MODELS, score_label
 
 __all__ = ["SortWidget", "N_COMPONENTS_SHOWN"]
 
 #: Components of each class shown in the class view.
 N_COMPONENTS_SHOWN = 4
 SETTINGS_TAB, CLASSES_TAB, PARTICLES_TAB = "Settings", "Classes", "Particles"
+
+#: Rounds the log-likelihood trace spans at first in the automatic mode (it grows with the run).
+AUTOMATIC_TRACE_ROUNDS = 5
 
 
 class SortWidget(QWidget):
@@ -78,6 +81,7 @@ class SortWidget(QWidget):
         self._n_rounds = self._n_particles = 0
         self._automatic = False
         self._iterations_per_round = 1
+        self._score_limits = None  # the running model's ModelSpec.score_limits
         self._trace_span = None
 
         self.form = SettingsForm(viewer)
@@ -205,6 +209,7 @@ class SortWidget(QWidget):
         self._pending = None
         self._last_round = None
         self._iterations_per_round = settings.iterations_per_round
+        self._score_limits = MODELS[settings.model].score_limits
         self.form.set_locked(True)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -236,10 +241,12 @@ class SortWidget(QWidget):
             self._automatic = event.automatic
             self.progress.setRange(0, event.n_rounds)
             self.progress.setValue(0)
-            self.progress.setFormat("round %v (until no outlier is left)" if event.automatic else "round %v of %m")
-            rounds = "pruning until no outlier is left" if event.automatic else f"{event.n_rounds} pruning rounds"
+            self.progress.setFormat("round %v (until no junk is found)" if event.automatic else "round %v of %m")
+            rounds = "pruning until no junk is found" if event.automatic else f"{event.n_rounds} pruning rounds"
             self._set_status(f"{event.n_particles} images, {event.n_coefficients} coefficients each: {rounds}")
-            self._trace_span = event.n_rounds * self._iterations_per_round  # an upper bound in the automatic mode
+            # the automatic mode's n_rounds is a far upper bound: the trace's axis starts at a few rounds and grows
+            shown_rounds = min(event.n_rounds, AUTOMATIC_TRACE_ROUNDS) if event.automatic else event.n_rounds
+            self._trace_span = shown_rounds * self._iterations_per_round
         elif isinstance(event, IterationDone):
             self._show_progress(event.round, event.iteration, event.log_likelihood, event.n_kept)
         elif isinstance(event, RoundDone):
@@ -265,7 +272,8 @@ class SortWidget(QWidget):
         kept = result.scores <= result.cut
         self.histogram.show_trace(result.log_likelihood, self._prunings(result.round), self._trace_span)
         self.histogram.show_scores(result.scores, kept, result.cut,
-                                   f"round {result.round}: scores of {result.scores.size} images")
+                                   f"round {result.round}: scores of {result.scores.size} images",
+                                   limits=self._score_limits)
         if event.classes is not None:
             self.class_view.show_classes(event.classes, event.components, box=event.means.shape[-1],
                                          pixel_size=self._sorted_pixel_size(event.means.shape[-1]),

@@ -154,7 +154,9 @@ def test_cryosparc_sort_writes_cs_subsets_and_a_line_per_round_when_verbose(tmp_
     kept = np.load(tmp_path / "kept.cs")
     rejected = np.load(tmp_path / "rejected.cs")
     original = np.load(EMPIAR / "empiar_10076_7.cs")
-    assert kept.dtype == original.dtype and (kept.size, rejected.size) == (5, 2)
+    assert kept.dtype.names[:len(original.dtype.names)] == original.dtype.names and (kept.size, rejected.size) == (5, 2)
+    assert {"ppcasort/score", "ppcasort/round"} <= set(kept.dtype.names)
+    assert (rejected["ppcasort/round"] > 0).all() and (kept["ppcasort/round"] == 0).all()
     assert sorted(kept["uid"].tolist() + rejected["uid"].tolist()) == sorted(original["uid"].tolist())
     assert_png(tmp_path / "report.png")
 

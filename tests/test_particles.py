@@ -303,6 +303,13 @@ def test_write_cs_subset_keeps_dtype_and_blob_fields(tmp_path):
         subset = np.load(written[0], allow_pickle=False)
         assert subset.dtype == particles.records.dtype
         np.testing.assert_array_equal(subset, particles.records[[0, 3, 6]])
+        # per-particle outputs become fields of their own prefix beside every original field
+        scored = write_particles(particles, [6, 0, 3], tmp_path / "scored", "kept",
+                                 extra_columns={"ppcasortScore": np.arange(7.0), "ppcasortJunkProbability": np.full(7, 0.25)})
+        records = np.load(scored[0], allow_pickle=False)
+        assert records.dtype.names == (*particles.records.dtype.names, "ppcasort/score", "ppcasort/junk_probability")
+        np.testing.assert_array_equal(records["ppcasort/score"], [0.0, 3.0, 6.0])
+        np.testing.assert_array_equal(records["uid"], particles.records["uid"][[0, 3, 6]])
         with pytest.raises(ValueError, match="original stacks"):
             write_particles(particles, [0], tmp_path, "with_images", images=particles.read(np.arange(7)))
     (tmp_path / "empiar_10076_7.mrc").symlink_to(EMPIAR / "empiar_10076_7.mrc")

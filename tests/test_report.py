@@ -164,3 +164,13 @@ def test_score_bins_are_logarithmic_only_for_positive_scores_spanning_decades():
     assert not logarithmic and edges.tolist() == [-12.0, -8.0, -4.0, 0.0, 4.0]
     edges, logarithmic = score_bin_edges(np.array([2.0, 2.0]), n_bins=2)  # one value: a bin around it
     assert not logarithmic and edges[0] < 2.0 < edges[-1]
+
+
+def test_bin_edges_stay_within_the_models_limits():
+    # junk log-odds of ice and carbon reach thousands: the bins span the range worth reading, the rest is clipped
+    scores = np.r_[np.linspace(-50.0, 5.0, 900), np.geomspace(50.0, 16000.0, 100)]
+    edges, logarithmic = score_bin_edges(scores, 60, include=(0.0,), limits=(-40.0, 40.0))
+    assert not logarithmic and (edges[0], edges[-1]) == (-40.0, 40.0)
+    edges, _ = score_bin_edges(scores[:900], 60, limits=(-40.0, 40.0))
+    assert (edges[0], edges[-1]) == (-40.0, 5.0)  # a narrower range is kept as it is
+    assert score_bin_edges(scores, 60)[0][-1] == 16000.0  # no limits: every score

@@ -300,7 +300,8 @@ def test_dragging_the_cut_and_moving_the_slider_agree(qtbot, sample_widget):
     assert slider.value == expected
     assert widget.score_threshold == np.sort(scores)[expected - 1] == histogram.cut
     np.testing.assert_array_equal(widget.kept_mask, scores <= widget.score_threshold)
-    assert widget.review.panel.counts.value.startswith(f"{expected} kept, {2000 - expected} rejected")
+    assert widget.review.panel.counts.value.startswith(f"{expected} kept (score <= ")
+    assert widget.review.panel.counts.value.endswith(f", {2000 - expected} rejected")
     # and the other way round: the slider moves the line on the plot
     for keep in (1, 1234, 2000):
         slider.value = keep

@@ -49,6 +49,9 @@ class ModelSpec:
             automatic mode then removes robust outliers of each round's scores, see ``outlier_threshold``).
         final_cut: the score of the final decision once pruning finds nothing (``OnlineSorter.final_cut``): 0,
             a junk probability of 1/2, for the log-odds.
+        score_limits: the widest range of scores worth drawing in a histogram (beyond it the scores go into the
+            end bins), None for no limit: the junk log-odds of ice and carbon reach thousands, and nothing
+            differs beyond a probability of 1e-17 or 1 - 1e-17.
     """
 
     name: str
@@ -59,6 +62,7 @@ class ModelSpec:
     settings: tuple[str, ...] = ()
     score_cut: float | None = None
     final_cut: float | None = None
+    score_limits: tuple[float, float] | None = None
 
 
 def _paper(settings, basis):
@@ -85,7 +89,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("contamination", "rotation-closed particle subspaces plus explicit junk components (empty boxes, "
               "unstructured contamination, particle-like outliers), scored by the log-odds of junk (the default)",
               _contamination, "junk log-odds (larger = more junk-like; 0: probability 1/2)", steerable_basis=True,
-              score_cut=float(np.log(PRUNE_PROBABILITY / (1 - PRUNE_PROBABILITY))), final_cut=0.0),
+              score_cut=float(np.log(PRUNE_PROBABILITY / (1 - PRUNE_PROBABILITY))), final_cut=0.0,
+              score_limits=(-40.0, 40.0)),
     ModelSpec("steerable", "subspaces closed under in-plane rotation, scored by minus the evidence (SD) that an image "
               "carries its class's and the population's rotational average",
               _steerable, "junk score (minus mean evidence, SD)", steerable_basis=True),

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -703,8 +704,8 @@ def write_particles(particles: ParticleSet, indices, out_dir, name: str,
       ``extra_columns`` under the given names (no ``rln`` prefix: RELION keeps labels it does not know;
       an existing column of that name is replaced). Floats are written with full precision.
     * cs input: ``out_dir/name.cs``, the subset of :attr:`ParticleSet.records` with the same dtype, so
-      ``blob/path`` and ``blob/idx`` still point at the original stacks. ``extra_columns`` and
-      ``images`` are not written into a ``.cs`` file (cryoSPARC fields have a fixed schema).
+      ``blob/path`` and ``blob/idx`` still point at the original stacks, and ``extra_columns`` as
+      ``ppcasort/...`` fields (:func:`cs_field`). ``images`` are not written (the .cs points at stacks).
 
     Each file is written under a temporary name in ``out_dir`` and renamed into place (see
     :func:`~napari_ppcasort.core.outputs.atomic_files`); the stack is written chunk by chunk with plain
@@ -829,9 +830,28 @@ def _write_star_subset(particles: ParticleSet, keep: np.ndarray, files: dict[str
 
 def _write_cs_subset(particles: ParticleSet, keep: np.ndarray, files: dict[str, Path],
                      extra_columns: dict[str, np.ndarray], images, stack_name: str | None) -> None:
-    """The .cs writer: the subset of the records, same dtype (blob paths still point at the original stacks)."""
+    """The .cs writer: the subset of the records with every field of the input (blob paths still point at the
+    original stacks), plus ``extra_columns`` as float64 fields of their own ``ppcasort/`` prefix (see
+    :func:`cs_field`), as cryoSPARC groups a result's fields by prefix."""
+    records = particles.records[keep]
+    if extra_columns:
+        fields = {cs_field(label): np.asarray(values)[keep] for label, values in extra_columns.items()}
+        kept_names = [name for name in records.dtype.names if name not in fields]
+        extended = np.empty(records.size, dtype=[*((name, records.dtype[name]) for name in kept_names),
+                                                 *((name, "<f8") for name in fields)])
+        for name in kept_names:
+            extended[name] = records[name]
+        for name, values in fields.items():
+            extended[name] = values
+        records = extended
     with open(files[".cs"], "xb") as stream:
-        np.save(stream, particles.records[keep], allow_pickle=False)
+        np.save(stream, records, allow_pickle=False)
+
+
+def cs_field(label: str) -> str:
+    """The .cs field of an extra STAR column: ``ppcasortJunkProbability`` -> ``ppcasort/junk_probability``."""
+    name = label[len("ppcasort"):] if label.startswith("ppcasort") else label
+    return "ppcasort/" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _write_star(particles: ParticleSet, keep: np.ndarray, extra_columns: dict[str, np.ndarray],

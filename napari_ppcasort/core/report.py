@@ -16,7 +16,7 @@ from matplotlib.ticker import NullFormatter
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .models import score_label
+from .models import MODELS, score_label
 from .outputs import atomic_write
 from .sorting import SortRound
 
@@ -32,14 +32,16 @@ KEPT_COLOUR, REJECTED_COLOUR, CUT_COLOUR = "tab:blue", "tab:orange", "black"
 
 
 def score_bin_edges(scores: np.ndarray, n_bins: int = N_BINS, *, tail: float = 0.0,
-                    include=()) -> tuple[np.ndarray, bool]:
+                    include=(), limits: tuple[float, float] | None = None) -> tuple[np.ndarray, bool]:
     """Histogram bin edges (n_bins + 1,) over the finite ``scores``, and whether they are logarithmic.
 
     Logarithmic when every score is positive and they span more than a factor 20 (sorting factors, whose junk
     tail spans decades), linear otherwise (signed scores such as the steerable model's evidence).
     tail : leave out this fraction of the scores at each end (0.005: the edges span the 0.5th to the 99.5th
         percentile), so that a few extreme scores do not squeeze the rest into a few bins; the caller clips the
-        scores into the end bins. include : values the edges must span all the same (a cut).
+        scores into the end bins. include : values the edges must span all the same (a cut). limits : the
+        widest range worth drawing (``ModelSpec.score_limits``: the junk log-odds beyond +-40 are all certain),
+        the scores beyond it go into the end bins too.
     """
     finite = scores[np.isfinite(scores)]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -49,6 +51,8 @@ def score_bin_edges(scores: np.ndarray, n_bins: int = N_BINS, *, tail: float = 0
     wanted = [value for value in include if value is not None and np.isfinite(value)]
     if wanted:
         low, high = min(low, *wanted), max(high, *wanted)
+    if limits is not None:
+        low, high = max(low, limits[0]), min(high, limits[1])
     if high <= low:
         low, high = (low / 2, high * 2) if logarithmic or low > 0 else (low - 1, high + 1)
     edges = np.geomspace(low, high, n_bins + 1) if logarithmic else np.linspace(low, high, n_bins + 1)
@@ -95,7 +99,8 @@ def report_figure(result: SortRound, kept_mask: np.ndarray, means: np.ndarray, c
     top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1.25])
     histogram_axes, trace_axes, text_axes = top.subplots(1, 3, width_ratios=[1.2, 1.2, 0.8])
     _draw_histogram(histogram_axes, result.final_scores, kept_mask,
-                    score_label(settings) if settings is not None else "junk score")
+                    score_label(settings) if settings is not None else "junk score",
+                    MODELS[settings.model].score_limits if settings is not None else None)
     _draw_trace(trace_axes, result)
     _draw_summary(text_axes, result, kept_mask, settings)
     _draw_subspaces(bottom, result.parameters.weights, means, components)
@@ -109,19 +114,23 @@ def write_report(path, result: SortRound, kept_mask: np.ndarray, means: np.ndarr
     return atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=REPORT_DPI), binary=True)
 
 
-def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray, label: str) -> None:
-    """Stacked histogram of kept and rejected scores; log bins when the scores are positive and span decades."""
+def _draw_histogram(axes, scores: np.ndarray, kept_mask: np.ndarray, label: str, limits=None) -> None:
+    """Stacked histogram of kept and rejected scores; log bins when the scores are positive and span decades;
+    scores beyond the model's ``limits`` counted in the end bins."""
     finite = np.isfinite(scores)
-    edges, logarithmic = score_bin_edges(scores)
     cut = scores[kept_mask].max()
-    axes.hist([scores[kept_mask & finite], scores[~kept_mask & finite]], bins=edges, stacked=True,
+    edges, logarithmic = score_bin_edges(scores, include=(cut,), limits=limits)
+    drawn = np.clip(scores, edges[0], edges[-1])
+    axes.hist([drawn[kept_mask & finite], drawn[~kept_mask & finite]], bins=edges, stacked=True,
               color=[KEPT_COLOUR, REJECTED_COLOUR],
               label=[f"kept ({kept_mask.sum()})", f"rejected ({(~kept_mask).sum()})"])
     axes.axvline(cut, color=CUT_COLOUR, linestyle="--", linewidth=1.2, label=f"cut {cut:.3g}")
     if logarithmic:
         axes.set_xscale("log")
         axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
-    axes.set_xlabel("final " + label)
+    clipped = finite & ((scores < edges[0]) | (scores > edges[-1]))
+    axes.set_xlabel("final " + label + (f"\n(scores beyond [{edges[0]:.3g}, {edges[-1]:.3g}] in the end bins)"
+                                        if clipped.any() else ""))
     axes.set_ylabel("images")
     axes.set_title("scores of all images", fontsize="medium")
     axes.legend(fontsize="small")
