@@ -169,7 +169,12 @@ def draw_figure(results: list[tuple[str, dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     chosen = [(name, rows) for name, rows in results if "auc" in rows["default"]]
-    fig, axes = plt.subplots(1, len(chosen) + 1, figsize=(4 * (len(chosen) + 1), 4))
+    n_columns = min(4, len(chosen) + 1)
+    n_rows = -(-(len(chosen) + 1) // n_columns)
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(3.6 * n_columns, 3.4 * n_rows), squeeze=False)
+    axes = axes.ravel()
+    for axis in axes[len(chosen) + 1:]:
+        axis.set_visible(False)
     for axis, (name, rows) in zip(axes, chosen):
         row = rows["default"]
         scores, labels = row["scores"], row["labels"]
@@ -184,7 +189,7 @@ def draw_figure(results: list[tuple[str, dict]], path: Path) -> None:
         axis.set_xlabel("particles called junk (FPR)")
         axis.set_ylabel("junk called junk (TPR)")
         axis.legend(fontsize=7, loc="lower right")
-    axis = axes[-1]
+    axis = axes[len(chosen)]
     probability = np.concatenate([rows["default"]["probability"] for _, rows in chosen])
     is_junk = np.concatenate([rows["default"]["labels"] != PARTICLE for _, rows in chosen])
     mean_p, fraction, counts, ece = calibration(probability, is_junk)
