@@ -287,12 +287,20 @@ class ScoreHistogram(QWidget):
         if self.probability_ticks:
             painter.drawText(QRectF(0, LINE + 2, self.width(), LINE), int(Qt.AlignmentFlag.AlignHCenter),
                              "junk probability")
-            for score, p in self.probability_ticks:
+            metrics = painter.fontMetrics()
+            labelled = []  # x of the labels drawn; from p = 1/2 outwards, a label that would overlap one is left out
+            for score, p in sorted(self.probability_ticks, key=lambda tick: abs(tick[1] - 0.5)):
                 x = self.pixel_of(score)
-                if plot.left() <= x <= plot.right():
-                    painter.drawLine(QPointF(x, plot.top()), QPointF(x, plot.top() - 3))
-                    painter.drawText(QRectF(x - 30, plot.top() - LINE - 2, 60, LINE),
-                                     int(Qt.AlignmentFlag.AlignHCenter), f"{p:g}")
+                if not plot.left() <= x <= plot.right():
+                    continue
+                painter.drawLine(QPointF(x, plot.top()), QPointF(x, plot.top() - 3))
+                text = f"{p:g}"
+                width = metrics.horizontalAdvance(text) + 6
+                if any(abs(x - other) < width for other in labelled):
+                    continue
+                labelled.append(x)
+                painter.drawText(QRectF(x - 30, plot.top() - LINE - 2, 60, LINE),
+                                 int(Qt.AlignmentFlag.AlignHCenter), text)
         painter.setClipRect(plot)
         if self.automatic_cut is not None:
             pen = QPen(self._text, 1, Qt.PenStyle.DotLine)
