@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .chunks import Chunks, LocalChunks, column_range
 from .classes import ClassViews, class_views
 from .errors import ComputeError, SettingsError, SortCancelled, literal
 from .particles import ArrayParticleSet, ParticleFileError, ParticleSet, open_particles
@@ -432,15 +433,14 @@ def _wait_unless_cancelled(event: threading.Event, cancelled: Callable[[], bool]
     return True
 
 
-def _check_spread(coefficients: np.ndarray, particles, settings: SortSettings) -> None:
+def _check_spread(coefficients, particles, settings: SortSettings) -> None:
     """InputError if every image is the same inside the mask (all blank, say): there is nothing to sort, and
-    the initialisation could not tell the subspaces apart."""
-    first = np.asarray(coefficients[0], dtype=np.float64)
-    step = max(1, 2**24 // max(coefficients.shape[1], 1))
-    for start in range(0, coefficients.shape[0], step):
-        if np.any(np.asarray(coefficients[start:start + step], dtype=np.float64) != first):
-            return
-    what = "blank (0)" if not first.any() else "the same"
-    raise ParticleFileError(f"{particles.path}: all {coefficients.shape[0]} images are {what} inside the mask "
+    the initialisation could not tell the subspaces apart. ``coefficients``: (N, L) array or Chunks."""
+    chunks = coefficients if isinstance(coefficients, Chunks) else LocalChunks(coefficients)
+    spread = chunks.reduce(column_range)
+    if np.any(spread.high > spread.low):
+        return
+    what = "blank (0)" if not (spread.low.any() or spread.high.any()) else "the same"
+    raise ParticleFileError(f"{particles.path}: all {chunks.n_total} images are {what} inside the mask "
                             "circle after preprocessing: there is nothing to sort")
 

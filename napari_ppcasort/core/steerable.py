@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .mixture import DEFAULT_CHUNK_BYTES, MixtureEM, MixtureParameters, logsumexp_rows
+from .chunks import Chunks
+from .mixture import DEFAULT_CHUNK_BYTES, EStep, MixtureEM, MixtureParameters, logsumexp_rows
 
 __all__ = [
     "MeanEvidenceScore",
@@ -142,6 +143,9 @@ class _Statistics:
     totals (M,): sum_i r_im. zero_sums (M, n_0): sum_i r_im x_i. zero_moments (M, n_0, n_0):
     sum_i r_im x_i x_i^T. energies (M,): sum_i r_im |y_i|^2. group_moments[g] (M, g, s, s) complex:
     sum_i r_im z_i z_i^H for each block of size group g.
+
+    Sums over images: the statistics of two sets of images merge with ``+`` (chunks of a sort, possibly
+    computed on different Dask workers).
     """
 
     def __init__(self, layout: SteerableLayout, n_components: int):
@@ -154,6 +158,14 @@ class _Statistics:
         self.group_moments = [
             np.zeros((n_components, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups
         ]
+
+    def __add__(self, other: "_Statistics") -> "_Statistics":
+        total = _Statistics.__new__(_Statistics)
+        total.layout = self.layout
+        for name in ("totals", "zero_sums", "zero_moments", "energies"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        total.group_moments = [mine + theirs for mine, theirs in zip(self.group_moments, other.group_moments)]
+        return total
 
     def add(self, rows: np.ndarray, weights: np.ndarray, mean_weights: np.ndarray | None = None,
             total_weights: np.ndarray | None = None) -> None:
@@ -262,28 +274,21 @@ class SteerableMixturePPCA(MixtureEM):
         statistics.add(sample, np.eye(m_count)[labels])
         self._maximize(statistics, np.ones(m_count, dtype=bool))
 
-    def step(self, data) -> float:
-        """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
-
-        Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value
-        that EM guarantees not to decrease), also appended to ``log_likelihood_``.
-        """
-        data = self._check_data(data, fitting=False, check_finite=False)
+    def expectation(self, rows: np.ndarray) -> EStep:
+        """The E-step over a float64 chunk ``rows`` (c, L): block statistics of the responsibilities."""
+        log_dens = self._log_densities(rows)
+        log_norm = logsumexp_rows(log_dens)
         statistics = _Statistics(self.layout, self.n_components)
-        total_log_likelihood = 0.0
-        for _, rows in self._chunks(data):
-            log_dens = self._log_densities(rows)
-            log_norm = logsumexp_rows(log_dens)
-            statistics.add(rows, np.exp(log_dens - log_norm[:, None]))
-            total_log_likelihood += float(log_norm.sum())
-        healthy = statistics.totals >= self.n_dims + 1
-        self._maximize(statistics, healthy)
+        statistics.add(rows, np.exp(log_dens - log_norm[:, None]))
+        return EStep(statistics, statistics.totals.copy(), float(log_norm.sum()), rows.shape[0])
+
+    def maximization(self, statistics: EStep, data: Chunks) -> None:
+        """The exact M-step; a component left with fewer than K + 1 images' worth of responsibility is re-seeded
+        on a random subset of ``data``."""
+        healthy = statistics.moments.totals >= self.n_dims + 1
+        self._maximize(statistics.moments, healthy)
         if not healthy.all():
             self._reseed(data, np.flatnonzero(~healthy))
-        mean_log_likelihood = total_log_likelihood / data.shape[0]
-        self.log_likelihood_.append(mean_log_likelihood)
-        self.n_iter_ += 1
-        return mean_log_likelihood
 
     def log_densities(self, data) -> np.ndarray:
         """log pi_m + log N(y_i | mu_m, C_m) for each row of ``data`` (N, L) and component, shape (N, M)."""
@@ -418,22 +423,34 @@ class SteerableMixturePPCA(MixtureEM):
                 row += 2
         return axes, chosen
 
-    def _reseed(self, data, collapsed: np.ndarray) -> None:
-        """Restart each collapsed component as the ML model of a random subset of the data."""
+    def _reseed(self, data: Chunks, collapsed: np.ndarray) -> None:
+        """Restart each collapsed component as the ML model of a random subset of the data (its statistics
+        summed over the chunks, where the rows are)."""
         seed = None if self.random_state is None else self.random_state + 7919 * (self.n_iter_ + 1)
         rng = np.random.default_rng(seed)
-        n_samples = data.shape[0]
+        n_samples = data.n_rows
         for m in collapsed:
             size = min(n_samples, max(self.n_dims + 2, n_samples // (4 * self.n_components)))
             rows = np.sort(rng.choice(n_samples, size=size, replace=False))
-            statistics = _Statistics(self.layout, self.n_components)
-            statistics.add(np.asarray(data[rows], dtype=np.float64), np.eye(self.n_components)[np.full(size, m)])
+            statistics = data.reduce(component_statistics, self.layout, self.n_components, rows, int(m))
             only = np.arange(self.n_components) == m
             weights = self.weights_.copy()
             self._maximize(statistics, only)
             weights[m] = 1.0 / self.n_components
             self.weights_ = weights / weights.sum()
             self.n_reseeded_ += 1
+
+
+def component_statistics(rows: np.ndarray, offset: int, layout: SteerableLayout, n_components: int,
+                         positions: np.ndarray, component: int) -> _Statistics:
+    """The statistics of the rows at ``positions`` (ascending, among all kept rows) that fall in this chunk
+    (rows (c, L) from kept row ``offset`` on), each given wholly to ``component`` (a Chunks.reduce function)."""
+    local = positions[(positions >= offset) & (positions < offset + rows.shape[0])] - offset
+    statistics = _Statistics(layout, n_components)
+    weights = np.zeros((local.size, n_components))
+    weights[:, component] = 1.0
+    statistics.add(rows[local], weights)
+    return statistics
 
 
 def _evidence_directions(parameters: MixtureParameters) -> np.ndarray:
