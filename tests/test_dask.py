@@ -177,7 +177,11 @@ def test_a_scheduler_and_workers_started_with_the_dask_commands(star, local, tmp
         started.append(subprocess.Popen([command, "worker", address, "--nworkers", "2", "--nthreads", "1",
                                          "--no-dashboard", "--death-timeout", "60"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        status = main(["sort", str(star), "-o", str(tmp_path / "sorted"), *SMALL_OPTIONS, "--dask-scheduler", address])
+        with dask_client(scheduler=address) as client:  # by its address
+            client.wait_for_workers(2, timeout=60)
+        # by the file the scheduler wrote (what a batch job shares with its workers)
+        status = main(["sort", str(star), "-o", str(tmp_path / "sorted"), *SMALL_OPTIONS, "--dask-scheduler",
+                       str(scheduler_file)])
     finally:
         for process in reversed(started):
             process.terminate()

@@ -58,8 +58,8 @@ def import_distributed(option: str = "dask_workers"):
 def dask_client(workers: int | None = None, scheduler: str | None = None, *, timeout: float | None = None,
                 worker_timeout: float = WORKER_WAIT_SECONDS):
     """A ``distributed.Client`` on a new LocalCluster of ``workers`` processes (one thread each), or connected to
-    the running scheduler at ``scheduler`` (``tcp://host:8786``, as ``dask scheduler`` prints it); None when
-    neither is given. Closed on exit (the LocalCluster too), which cancels whatever is still running.
+    the running scheduler at ``scheduler`` (``tcp://host:8786``, as ``dask scheduler`` prints it, or the JSON file
+    its ``--scheduler-file`` wrote); None when neither is given. Closed on exit (the LocalCluster too), which cancels whatever is still running.
 
     timeout: seconds to wait for the scheduler (default: Dask's ``distributed.comm.timeouts.connect``).
     SettingsError naming ``dask_scheduler`` when it cannot be reached or has no worker within
@@ -89,8 +89,11 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, *, tim
 
 def _connect(distributed, address: str, timeout: float | None, worker_timeout: float):
     where = literal(address)
+    target = {"scheduler_file": address} if Path(address).is_file() else {"address": address}
+    if timeout is not None:
+        target["timeout"] = timeout
     try:
-        client = distributed.Client(address, timeout=timeout) if timeout is not None else distributed.Client(address)
+        client = distributed.Client(**target)
     except (OSError, TimeoutError, ValueError) as error:
         reason = literal(str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise SettingsError(f"cannot reach the Dask scheduler at {where} given by {{dask_scheduler}} ({reason}); "

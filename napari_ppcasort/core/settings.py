@@ -319,8 +319,8 @@ class ClusterSettings:
     dask_scheduler: str | None = setting(
         None, label="Dask scheduler", none_means="sort in this process (or --dask-workers)",
         help="sort on the workers of the running Dask scheduler at this address (tcp://host:8786, as 'dask scheduler' "
-             "prints it; or a dask-jobqueue cluster's): they must see the particle files at the same paths (needs the "
-             "dask extra)")
+             "prints it, or the file its --scheduler-file wrote; or a dask-jobqueue cluster's): they must see the "
+             "particle files at the same paths (needs the dask extra)")
 
     def __post_init__(self):
         for declaration in CLUSTER_SETTINGS.values():
