@@ -90,7 +90,7 @@ def test_local_chunks_loops_keep_and_take(data):
     np.testing.assert_array_equal(kept.kept_indices(), np.flatnonzero(np.arange(1200) % 3 != 0))
     # concat visits the kept rows in particle order, with each chunk's offset among the kept rows
     np.testing.assert_array_equal(kept.concat(lambda rows, offset: offset + np.arange(rows.shape[0])), np.arange(800))
-    np.testing.assert_array_equal(kept.concat(lambda rows, offset: rows[:, 0]), data[kept.kept_indices(), 0])
+    np.testing.assert_array_equal(kept.concat(lambda rows, offset: rows[:, 0].copy()), data[kept.kept_indices(), 0])
     np.testing.assert_allclose(kept.reduce(lambda rows, offset: rows.sum(axis=0)),
                                data[kept.kept_indices()].astype(np.float64).sum(axis=0), rtol=1e-12)
     again = kept.keep([0, 1, 799])  # positions among the 800 kept rows

@@ -8,8 +8,9 @@ the sort does with the data is one of three loops over the chunks that hold kept
     scores = data.concat(score, state, scorer)      # (n_kept,) in particle order
     sample = data.take(positions)                   # (n, L) float64 kept rows, for the initialisation
 
-``rows`` is a chunk's kept rows as float64 (c, L) and ``offset`` the position of its first kept row among
-all kept rows. :class:`LocalChunks` runs the loops in this process; ``DaskChunks``
+``rows`` is a chunk's kept rows as float64 (c, L), valid during the call only (the local loops reuse one
+buffer: a function returns what it computed, not a view of ``rows``), and ``offset`` the position of its
+first kept row among all kept rows. :class:`LocalChunks` runs the loops in this process; ``DaskChunks``
 (:mod:`napari_ppcasort.core.distributed`) runs them as tasks where the chunks are. Both sum the per-chunk
 results in the same fixed tree (:func:`tree_sum`), so they compute the same numbers for the same chunking.
 """
@@ -127,7 +128,8 @@ class Chunks:
 class LocalChunks(Chunks):
     """Chunks of an (N, L) array (or memory map) in this process.
 
-    data: (N, L) float coefficients (float32 from the expansion; any float type); not copied.
+    data: (N, L) float coefficients (float32 from the expansion; any float type); not copied. The loops convert
+    each chunk's kept rows into one float64 buffer (of a chunk's size), reused by every loop over these chunks.
     """
 
     def __init__(self, data, chunk_size: int | None = None, kept: np.ndarray | None = None):
@@ -137,12 +139,19 @@ class LocalChunks(Chunks):
         super().__init__(data.shape[0], data.shape[1],
                          default_chunk_size(data.shape[1]) if chunk_size is None else chunk_size, kept)
         self.data = data
+        self._buffer = None
 
     def rows(self, j: int) -> np.ndarray:
-        """(c, L) float64, the kept rows of chunk j."""
+        """(c, L) float64, the kept rows of chunk j: a view of the buffer, valid until the next call."""
         block = self.data[self.bounds[j]:self.bounds[j + 1]]
         mask = self.chunk_mask(j)
-        return np.asarray(block if mask.all() else block[mask], dtype=np.float64)
+        if block.dtype == np.float64 and mask.all():
+            return np.asarray(block)
+        if self._buffer is None:
+            self._buffer = np.empty((int(self.counts.max()), self.n_features))
+        rows = self._buffer[:int(self.counts[j])]
+        np.copyto(rows, block if mask.all() else block[mask])
+        return rows
 
     def reduce(self, func: Callable, *args):
         return tree_sum([func(self.rows(j), int(self.offsets[j]), *args) for j in self.active_chunks()])
