@@ -196,6 +196,32 @@ def test_a_scheduler_and_workers_started_with_the_dask_commands(star, local, tmp
     np.testing.assert_allclose(scores[:, 0], local["default"].scores, rtol=1e-6, atol=1e-6)
 
 
+def test_ctrl_c_during_a_sort_on_local_workers_stops_everything_and_writes_nothing(star, tmp_path):
+    """Ctrl-C on a terminal signals the whole process group: the workers ignore it, ppcasort ends the sort, closes the
+    cluster and says so in one line (exit 130); no output, and no process of the group is left."""
+    command = [sys.executable, "-m", "napari_ppcasort.cli", "sort", str(star), "-o", str(tmp_path / "out"),
+               *SMALL_OPTIONS, "--stop", "schedule", "--n-rounds", "5", "--dask-workers", "2", "-v"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    first = process.stderr.readline()  # "coefficients: ...": the EM is starting on the workers
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert first.startswith("coefficients:"), first + err
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["ppcasort sort: interrupted; no partial output was left"], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    deadline = time.monotonic() + 10
+    while group_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(process.pid) == []
+
+
+def group_members(group: int) -> list[str]:
+    """The processes of a process group (ps lines)."""
+    lines = subprocess.run(["ps", "-eo", "pid,pgid,stat,cmd"], capture_output=True, text=True).stdout.splitlines()[1:]
+    return [line for line in lines if line.split()[1] == str(group) and not line.split()[2].startswith("Z")]
+
+
 def test_an_unreachable_scheduler_is_one_line_naming_the_option(star, tmp_path, capsys):
     import socket
 

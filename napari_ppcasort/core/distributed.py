@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -75,16 +76,56 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, *, tim
     if workers is not None:
         # no dashboard, and its HTTP server (health, metrics) on any free local port, not on a busy 8787
         quiet = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
-        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                      scheduler_kwargs=quiet, silence_logs=logging.ERROR) as cluster, \
-                distributed.Client(cluster) as client:
+        with _interrupts_ignored():  # the worker processes ignore Ctrl-C: this process stops the sort and the cluster
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None, scheduler_kwargs=quiet,
+                                               silence_logs=logging.ERROR)
+        with cluster, distributed.Client(cluster) as client, _quiet_interrupt():
             yield client
         return
     client = _connect(distributed, scheduler, timeout, worker_timeout)
     try:
-        yield client
+        with _quiet_interrupt():
+            yield client
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored while the block runs (in the main thread), so that the processes it starts inherit that: a
+    Ctrl-C on the terminal, sent to the whole process group, then reaches this process only, which ends the sort
+    and closes the cluster (instead of every worker printing its KeyboardInterrupt). A Ctrl-C during the few
+    seconds the workers start is not seen."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _AbandonedGathers(logging.Filter):
+    """Drops asyncio's report of a gather of the client that a Ctrl-C abandoned (distributed's ``AllExit``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and type(record.exc_info[1]).__name__ == "AllExit")
+
+
+_ABANDONED_GATHERS = _AbandonedGathers()
+
+
+@contextlib.contextmanager
+def _quiet_interrupt():
+    """On Ctrl-C (or SIGTERM), no 'Task exception was never retrieved' from asyncio for the gather the interrupt
+    abandoned (only that report is dropped, from then on): the command line says it was interrupted, in one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logging.getLogger("asyncio").addFilter(_ABANDONED_GATHERS)  # adding it twice keeps one
+        raise
 
 
 def _connect(distributed, address: str, timeout: float | None, worker_timeout: float):
@@ -181,8 +222,11 @@ class DaskChunks(Chunks):
         return np.concatenate(rows) if rows else np.zeros((0, self.n_features))
 
     def release(self) -> None:
-        """Cancel the chunks' tasks and free the workers' memory (a sort that stops half-way)."""
-        self.client.cancel(self.futures + list(self.keep_alive))
+        """Let go of the chunks (a sort that stops half-way): the scheduler forgets their tasks, the workers free
+        their memory. (Not ``client.cancel``, which fails inside the scheduler on chunks whose E-step tasks were
+        already released.)"""
+        for future in self.futures + list(self.keep_alive):
+            future.release()
 
     def _with_kept(self, kept: np.ndarray) -> "DaskChunks":
         return DaskChunks(self.client, self.futures, self.n_total, self.n_features, self.chunk_size, kept,
@@ -342,7 +386,8 @@ def expansion_steps(client, particles: ParticleSet, basis, preprocessor: Preproc
                 gather(client, [future])  # raises the task's error
             done += sizes[future.key]
             yield done, n_total
-    except BaseException:  # an error, the generator closed (cancel), Ctrl-C: nothing is left running
-        client.cancel(futures + [basis_future])
+    except BaseException:  # an error, the generator closed (cancel), Ctrl-C: nothing is left to run
+        for future in futures + [basis_future]:
+            future.release()
         raise
     return DaskChunks(client, futures, n_total, n_features, chunk_size, traffic=traffic, keep_alive=(basis_future,))
