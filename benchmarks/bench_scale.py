@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -33,8 +32,13 @@ SETTINGS = dict(stop="schedule", n_rounds=2)
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size (VmHWM, MiB; not getrusage's ru_maxrss, which on Linux keeps the peak of
+    the process image a fork and exec came from)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
 
 
 def write_stack(path: Path, n: int) -> None:
