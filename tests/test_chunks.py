@@ -111,3 +111,23 @@ def test_expectation_is_a_reduce_function(basis, data):
     statistics = LocalChunks(data, chunk_size=400).reduce(expectation, model.expectation_state())
     assert statistics.n_samples == data.shape[0]
     assert statistics.responsibilities.sum() == pytest.approx(data.shape[0])
+
+
+def test_block_second_moments_are_the_weighted_complex_outer_products(basis):
+    """_Statistics.add computes sum_i r_i z_i z_i^H by real products of [cos | sin] blocks (several passes of rows)."""
+    from napari_ppcasort.core.steerable import SUB_ROWS, SteerableLayout, _Statistics
+
+    layout = SteerableLayout(basis.angular_frequencies, basis.is_sine, basis.radial_indices)
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((SUB_ROWS + 300, basis.n_coefficients))
+    weights = rng.random((rows.shape[0], 3))
+    statistics = _Statistics(layout, 3)
+    statistics.add(rows, weights)
+    zero = rows[:, layout.zero_columns]
+    for m in range(3):
+        np.testing.assert_allclose(statistics.zero_moments[m], (zero * weights[:, m:m + 1]).T @ zero, rtol=1e-12)
+    for (cos, sin), moments in zip(layout.size_groups, statistics.group_moments):
+        z = (rows[:, cos] + 1j * rows[:, sin]).transpose(1, 0, 2)  # (g, c, s)
+        for m in range(3):
+            expected = np.matmul((z * weights[None, :, m, None]).transpose(0, 2, 1), z.conj())
+            np.testing.assert_allclose(moments[m], expected, rtol=1e-11, atol=1e-9)

@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 _LOG_2PI = np.log(2.0 * np.pi)
+#: Rows per pass of the block second moments (a (SUB_ROWS, L) float64 block: 4.9 MB at L = 299; measured best of
+#: 512, 2048, 8192 and a whole chunk with benchmarks/bench_em.py --default).
+SUB_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class SteerableLayout:
         N), paired by radial index.
     size_groups : list of (cos (g, s) int, sin (g, s) int): the columns of the g blocks of each size s,
         for batched products.
+    block_order : (L,) int, the columns laid out block by block: the N = 0 columns, then for each size group, for
+        each of its blocks, its s cos columns and its s sin columns.
+    group_offsets : (n_groups,) int, where each size group starts in ``block_order``.
     """
 
     def __init__(self, angular_frequencies, is_sine, radial_indices):
@@ -135,6 +141,13 @@ class SteerableLayout:
                 np.stack([self.cos_columns[b] for b in blocks]),
                 np.stack([self.sin_columns[b] for b in blocks]),
             ))
+        order = [self.zero_columns]
+        offsets = []
+        for cos, sin in self.size_groups:
+            offsets.append(sum(part.size for part in order))
+            order.append(np.concatenate([cos, sin], axis=1).ravel())  # block by block: [cos | sin]
+        self.block_order = np.concatenate(order).astype(np.int64)
+        self.group_offsets = np.array(offsets, dtype=np.int64)
 
 
 class _Statistics:
@@ -180,14 +193,28 @@ class _Statistics:
         self.energies += weights.T @ np.einsum("ij,ij->i", rows, rows)
         zero = rows[:, layout.zero_columns]
         self.zero_sums += (weights if mean_weights is None else mean_weights).T @ zero
-        for m in range(weights.shape[1]):
-            self.zero_moments[m] += (zero * weights[:, m : m + 1]).T @ zero
-        for (cos, sin), moments in zip(layout.size_groups, self.group_moments):
-            # (g, c, s) complex: the blocks of this size side by side
-            z = (rows[:, cos] + 1j * rows[:, sin]).transpose(1, 0, 2)
-            z_conj = z.conj()
+        # Second moments as real products: with x = [a | b] (c, 2s) a block's cos and sin columns side by side and
+        # G = x^T diag(r) x, sum r z z^H = (G_aa + G_bb) + i (G_ba - G_ab). The rows go in passes of SUB_ROWS, laid
+        # out block by block once per pass; each size group's columns are scaled by sqrt(r) just before its
+        # product, so that the scaled copy is read from cache.
+        roots = np.sqrt(np.maximum(weights, 0.0))
+        n_zero = layout.zero_columns.size
+        grams = [np.zeros((weights.shape[1], cos.shape[0], 2 * cos.shape[1], 2 * cos.shape[1]))
+                 for cos, _ in layout.size_groups]
+        for start in range(0, rows.shape[0], SUB_ROWS):
+            ordered = rows[start:start + SUB_ROWS][:, layout.block_order]  # (c', L)
             for m in range(weights.shape[1]):
-                moments[m] += np.matmul((z * weights[None, :, m, None]).transpose(0, 2, 1), z_conj)
+                root = roots[start:start + SUB_ROWS, m, None]
+                x = ordered[:, :n_zero] * root
+                self.zero_moments[m] += x.T @ x
+                for (cos, _), offset, gram in zip(layout.size_groups, layout.group_offsets, grams):
+                    n_blocks, width = cos.shape[0], 2 * cos.shape[1]
+                    scaled = ordered[:, offset:offset + n_blocks * width] * root
+                    blocks = scaled.reshape(-1, n_blocks, width).transpose(1, 0, 2)  # (g, c', 2s)
+                    gram[m] += np.matmul(blocks.transpose(0, 2, 1), blocks)  # (g, 2s, 2s): a GEMM per block
+        for (cos, _), gram, moments in zip(layout.size_groups, grams, self.group_moments):
+            s = cos.shape[1]
+            moments += gram[..., :s, :s] + gram[..., s:, s:] + 1j * (gram[..., s:, :s] - gram[..., :s, s:])
 
 
 class SteerableMixturePPCA(MixtureEM):
