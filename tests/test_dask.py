@@ -238,6 +238,13 @@ def test_an_unreachable_scheduler_is_one_line_naming_the_option(star, tmp_path, 
     assert not (tmp_path / "out" / "scores.csv").exists()
 
 
+def test_a_missing_scheduler_file_is_one_line_naming_the_option(star, tmp_path, capsys):
+    status = main(["sort", str(star), "-o", str(tmp_path / "out"), "--dask-scheduler", str(tmp_path / "sched.json")])
+    error = capsys.readouterr().err
+    assert status == 2 and len(error.splitlines()) == 1
+    assert f"--dask-scheduler {tmp_path / 'sched.json'}: no such scheduler file" in error
+
+
 @pytest.mark.parametrize("option", [["--dask-workers", "2"], ["--dask-scheduler", "tcp://127.0.0.1:8786"]])
 def test_without_dask_the_options_say_how_to_install_it(star, tmp_path, capsys, monkeypatch, option):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails, as without the extra

@@ -130,6 +130,9 @@ def _quiet_interrupt():
 
 def _connect(distributed, address: str, timeout: float | None, worker_timeout: float):
     where = literal(address)
+    if address.endswith(".json") and not Path(address).is_file():
+        raise SettingsError(f"{{dask_scheduler}} {where}: no such scheduler file (the one 'dask scheduler "
+                            "--scheduler-file' writes)")
     target = {"scheduler_file": address} if Path(address).is_file() else {"address": address}
     if timeout is not None:
         target["timeout"] = timeout
