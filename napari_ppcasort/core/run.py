@@ -328,7 +328,7 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
             kept mask (see :mod:`napari_ppcasort.core.distributed`). The workers must see the particle files at
             the paths this process sees.
         chunk_size: particles per chunk of the EM (and per Dask task); default about 64 MB of float64
-            coefficients (27,962 particles of 300). The local and the Dask sort with the same chunk size sum in
+            coefficients (28,053 particles of 299). The local and the Dask sort with the same chunk size sum in
             the same order.
 
     Raises:
