@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..core.errors import InputError, SettingsError, literal
 from ..core.run import (CoefficientsProgress, IterationDone, RoundDone, SortFinished, SortStarted, iter_sort)
-from ..core.settings import SETTINGS, SortSettings, cli_name, read_settings_file
+from ..core.settings import (CLUSTER_SETTINGS, SETTINGS, ClusterSettings, Setting, SortSettings, cli_name,
+                             read_settings_file)
 
 BAR_WIDTH = 16
 
@@ -44,21 +45,46 @@ def add_settings_options(parser: argparse.ArgumentParser, defaults: SortSettings
     group = parser.add_argument_group(
         "sort parameters", "one per setting; a value 'none' means the behaviour the description gives for none")
     for name, declaration in SETTINGS.items():
-        default = getattr(defaults, name)
-        text = f"{declaration.help} [default: {'none' if default is None else default}]".replace("%", "%%")
-        if declaration.type is bool:
-            group.add_argument(declaration.option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=text)
-            continue
-        convert = declaration.type
-        value_type = _optional(convert, _TYPE_NAMES[convert]) if declaration.optional else convert
-        metavar = convert.__name__.upper() + ("|none" if declaration.optional else "")
-        choices = declaration.allowed
-        group.add_argument(declaration.option, type=value_type, choices=choices, default=argparse.SUPPRESS,
-                           metavar="{" + ",".join(choices) + "}" if choices else metavar, help=text)
+        _add_option(group, declaration, getattr(defaults, name))
     group.add_argument("--settings", type=Path, metavar="JSON",
                        help="start from the settings of an earlier run: its parameters.json (written by "
                             "'ppcasort sort' or the napari widget's Export); options given here override them")
+
+
+def _add_option(group, declaration: Setting, default) -> None:
+    """The option of one declared setting (``--n-subspaces INT``, ``--normalize/--no-normalize``)."""
+    text = f"{declaration.help} [default: {'none' if default is None else default}]".replace("%", "%%")
+    if declaration.type is bool:
+        group.add_argument(declaration.option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=text)
+        return
+    convert = declaration.type
+    value_type = _optional(convert, _TYPE_NAMES[convert]) if declaration.optional else convert
+    metavar = convert.__name__.upper() + ("|none" if declaration.optional else "")
+    choices = declaration.allowed
+    group.add_argument(declaration.option, type=value_type, choices=choices, default=argparse.SUPPRESS,
+                       metavar="{" + ",".join(choices) + "}" if choices else metavar, help=text)
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """One option per setting of where the sort runs (:class:`ClusterSettings`: ``--dask-workers``, ...)."""
+    group = parser.add_argument_group(
+        "where to sort", "in this process by default; on Dask with the dask extra (pip install "
+                         "\"napari-ppcasort[dask]\"): the results are the same")
+    defaults = ClusterSettings()
+    for name, declaration in CLUSTER_SETTINGS.items():
+        _add_option(group, declaration, getattr(defaults, name))
+
+
+def cluster_settings_from_args(args: argparse.Namespace) -> ClusterSettings:
+    """The ClusterSettings of the command line (validated); a SettingsError at once when Dask is asked for but not
+    installed."""
+    cluster = ClusterSettings(**{name: getattr(args, name) for name in CLUSTER_SETTINGS if hasattr(args, name)})
+    if cluster.distributed:
+        from ..core.distributed import import_distributed
+
+        import_distributed("dask_workers" if cluster.dask_workers is not None else "dask_scheduler")
+    return cluster
 
 
 def settings_from_args(args: argparse.Namespace, defaults: SortSettings) -> SortSettings:
@@ -162,12 +188,12 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
 
-def sort_with_progress(particles, settings: SortSettings, progress: Progress):
-    """Run iter_sort, showing its events; returns the SortResult."""
+def sort_with_progress(particles, settings: SortSettings, progress: Progress, client=None):
+    """Run iter_sort (on the Dask ``client``'s workers if given), showing its events; returns the SortResult."""
     progress.iterations_per_round = settings.iterations_per_round
     if progress.live:
         progress._draw("coefficients", 0, particles.n_particles, "preparing the basis")
-    for event in iter_sort(particles, settings):
+    for event in iter_sort(particles, settings, client=client):
         if isinstance(event, SortFinished):
             return event.result
         progress.show(event, settings.basis.upper())
@@ -182,5 +208,6 @@ def file_names(written: dict) -> str:
     return ", ".join(path.name for paths in written.values() for path in paths)
 
 
-__all__ = ["UsageError", "add_settings_options", "settings_from_args", "add_output_options", "Progress",
+__all__ = ["UsageError", "add_settings_options", "settings_from_args", "add_cluster_options",
+           "cluster_settings_from_args", "add_output_options", "Progress",
            "sort_with_progress", "rounds_text", "file_names", "cli_name"]

@@ -7,13 +7,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.distributed import dask_client
 from ..core.particles import PARTICLE_SUFFIXES, open_particles
 from ..core.results import open_results_folder, write_results
 from ..core.run import check_sort
 from ..core.selection import read_overrides_file
 from ..core.settings import SortSettings
-from ._common import (Progress, add_output_options, add_settings_options, file_names, rounds_text, settings_from_args,
-                      sort_with_progress)
+from ._common import (Progress, add_cluster_options, add_output_options, add_settings_options,
+                      cluster_settings_from_args, file_names, rounds_text, settings_from_args, sort_with_progress)
 
 NAME = "sort"
 
@@ -30,6 +31,7 @@ def add_parser(commands) -> None:
     add_output_options(parser, "the results")
     add_verbose_option(parser)
     add_settings_options(parser, SortSettings())
+    add_cluster_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -44,12 +46,14 @@ def progress_for(args: argparse.Namespace) -> Progress:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, SortSettings())
+    cluster = cluster_settings_from_args(args)
     with open_particles(args.input) as particles:
         check_sort(particles, settings)
         overrides = read_overrides_file(args.settings, particles.n_particles) if args.settings is not None else None
         with open_results_folder(args.output, particles, force=args.force, inputs=[args.settings]) as output:
-            with progress_for(args) as progress:
-                result = sort_with_progress(particles, settings, progress)
+            # the cluster (or the connection) lasts for the sort; the results are written by this process
+            with dask_client(cluster.dask_workers, cluster.dask_scheduler) as client, progress_for(args) as progress:
+                result = sort_with_progress(particles, settings, progress, client=client)
             if overrides:  # the particles moved across the cut by hand in the run that wrote the settings file
                 result = replace(result, overrides=overrides)
             written = write_results(output, result, title=str(args.input))

@@ -34,13 +34,15 @@ noise component shares the particle classes' sigma^2.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
 import scipy.optimize
 
-from .mixture import DEFAULT_CHUNK_BYTES, kmeans_labels, logsumexp_rows
+from .chunks import Chunks
+from .mixture import DEFAULT_CHUNK_BYTES, EStep, kmeans_labels, logsumexp_rows
 from .steerable import _LOG_2PI, SteerableMixturePPCA, SteerableParameters, _Statistics
 
 __all__ = ["COMPONENT_KINDS", "ContaminationMixture", "ContaminationParameters", "JunkLogOdds", "BackgroundBands"]
@@ -253,10 +255,10 @@ class ContaminationMixture(SteerableMixturePPCA):
         (split among the J components at random), the rest as particles in M k-means clusters of
         rotation-invariant features."""
         self._check_parameters()
-        data = self._check_data(data, fitting=True)
+        data = self._chunked(data, fitting=True)
         rng = np.random.default_rng(self.random_state)
-        rows = np.sort(rng.choice(data.shape[0], size=min(data.shape[0], self.init_sample_size), replace=False))
-        sample = np.asarray(data[rows], dtype=np.float64)
+        rows = np.sort(rng.choice(data.n_rows, size=min(data.n_rows, self.init_sample_size), replace=False))
+        sample = data.take(rows)
         energy = np.einsum("ij,ij->i", sample, sample)
         low, high = np.quantile(energy, [0.2, 0.8]) if self.n_background else (np.quantile(energy, 0.2), np.inf)
         kinds = self._kinds
@@ -310,24 +312,26 @@ class ContaminationMixture(SteerableMixturePPCA):
         kinds = self._kinds
         return np.flatnonzero((kinds == "particle") | (kinds == "background"))
 
-    def step(self, data) -> float:
-        """One EM iteration on ``data`` (N, L); returns the mean log-likelihood per sample before the update."""
-        data = self._check_data(data, fitting=False, check_finite=False)
-        statistics = _Statistics(self.layout, self._statistics_columns.size)
-        totals = np.zeros(len(self.component_kinds_))
-        total_log_likelihood = 0.0
-        for _, rows in self._chunks(data):
-            log_dens, moments = self._log_densities(rows, amplitude_moments=True)
-            log_norm = logsumexp_rows(log_dens)
-            responsibilities = np.exp(log_dens - log_norm[:, None])
-            self._add(statistics, rows, responsibilities, moments)
-            totals += responsibilities.sum(axis=0)
-            total_log_likelihood += float(log_norm.sum())
-        self._m_step(statistics, totals)
-        mean_log_likelihood = total_log_likelihood / data.shape[0]
-        self.log_likelihood_.append(mean_log_likelihood)
-        self.n_iter_ += 1
-        return mean_log_likelihood
+    def expectation(self, rows: np.ndarray) -> EStep:
+        """The E-step over a float64 chunk ``rows`` (c, L): block statistics of the particle and background
+        components (each image weighted by its posterior amplitude moments in the particle classes, computed
+        here from the current parameters), and the responsibilities of every component."""
+        log_dens, moments = self._log_densities(rows, amplitude_moments=True)
+        log_norm = logsumexp_rows(log_dens)
+        responsibilities = np.exp(log_dens - log_norm[:, None])
+        statistics = self._statistics(rows, responsibilities, moments)
+        return EStep(statistics, responsibilities.sum(axis=0), float(log_norm.sum()), rows.shape[0])
+
+    def maximization(self, statistics: EStep, data: Chunks) -> None:
+        """The M-step (:meth:`_m_step`) from the E-step summed over all of ``data``."""
+        self._m_step(statistics.moments, statistics.responsibilities)
+
+    def expectation_state(self) -> "ContaminationMixture":
+        """A shallow copy without the basis and the background bands (what only the M-step reads)."""
+        state = copy.copy(self)
+        state.basis = None
+        state.bands = None
+        return state
 
     def _m_step(self, statistics: _Statistics, totals: np.ndarray) -> None:
         """Particle classes (:meth:`_maximize_classes`), background spectra by moments, and all weights; the

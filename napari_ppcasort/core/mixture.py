@@ -10,15 +10,18 @@ and ``score``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MixtureEM", "MixtureParameters", "NOISE_MODELS", "NotFittedError", "check_is_fitted", "kmeans_labels",
-           "logsumexp_rows"]
+from .chunks import CHUNK_BYTES, Chunks, LocalChunks, default_chunk_size
+
+__all__ = ["EStep", "MixtureEM", "MixtureParameters", "NOISE_MODELS", "NotFittedError", "check_is_fitted",
+           "expectation", "kmeans_labels", "logsumexp_rows", "score_rows"]
 
 NOISE_MODELS = ("shared", "per_component")
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -37,6 +40,37 @@ def logsumexp_rows(values: np.ndarray) -> np.ndarray:
     """log(sum(exp(values), axis=1)) of a (n, M) array, without overflow."""
     peak = values.max(axis=1)
     return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
+
+
+@dataclass
+class EStep:
+    """What the E-step of a mixture gives over some images; ``+`` merges two (the sums over two sets of images).
+
+    moments: the model's sufficient statistics (an object with ``+``: the block statistics of
+        core/steerable.py, the sums of core/mppca.py).
+    responsibilities: (C,) float64, sum_i r_ic, for every component c of the mixture.
+    log_likelihood: sum_i log p(y_i) under the parameters the E-step ran with.
+    n_samples: the number of images.
+    """
+
+    moments: object
+    responsibilities: np.ndarray
+    log_likelihood: float
+    n_samples: int
+
+    def __add__(self, other: "EStep") -> "EStep":
+        return EStep(self.moments + other.moments, self.responsibilities + other.responsibilities,
+                     self.log_likelihood + other.log_likelihood, self.n_samples + other.n_samples)
+
+
+def expectation(rows: np.ndarray, offset: int, model) -> EStep:
+    """The E-step of ``model`` over a chunk of float64 rows (c, L) (a :meth:`Chunks.reduce` function)."""
+    return model.expectation(rows)
+
+
+def score_rows(rows: np.ndarray, offset: int, model, scorer) -> np.ndarray:
+    """(c,) the junk scores ``scorer(model, rows)`` of a chunk of rows (c, L) (a :meth:`Chunks.concat` function)."""
+    return np.asarray(scorer(model, rows), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -93,8 +127,11 @@ class MixtureEM:
     chunk_bytes : int
         Rows are processed in float64 chunks of about this many bytes.
 
-    Subclasses implement ``step``, ``log_densities``, :meth:`_check_features` and :meth:`_set_from_clusters`
-    (and may choose the :meth:`_clustering_features` of the initialisation).
+    Subclasses implement ``expectation`` (the E-step over a chunk of rows, an :class:`EStep`),
+    ``maximization`` (the M-step from the merged EStep), ``log_densities``, :meth:`_check_features` and
+    :meth:`_set_from_clusters` (and may choose the :meth:`_clustering_features` of the initialisation).
+    :meth:`step` is one EM iteration: the E-step summed over the chunks of the data (an array, or the
+    :class:`~napari_ppcasort.core.chunks.Chunks` of a sort, possibly on Dask workers), then the M-step.
 
     As scikit-learn's estimators: scoring or stepping before ``fit``/``initialize``, or reading a fitted
     attribute (a public name ending in ``_``) before, raises :class:`NotFittedError`; ``converged_`` says
@@ -134,8 +171,18 @@ class MixtureEM:
         """Set every parameter from ``sample`` (n, L) float64 split into clusters ``labels`` (n,)."""
         raise NotImplementedError
 
-    def step(self, data) -> float:
+    def expectation(self, rows: np.ndarray) -> EStep:
+        """The E-step over a float64 chunk ``rows`` (c, L): its sufficient statistics, mergeable with ``+``."""
         raise NotImplementedError
+
+    def maximization(self, statistics: EStep, data: Chunks) -> None:
+        """The M-step from the E-step ``statistics`` summed over all of ``data`` (which a re-seeding may read)."""
+        raise NotImplementedError
+
+    def expectation_state(self) -> "MixtureEM":
+        """What the E-step and the scores need of this model, to send where the data are: a shallow copy
+        (models holding what only their M-step reads drop it here)."""
+        return copy.copy(self)
 
     def log_densities(self, data) -> np.ndarray:
         """log pi_m + log N(y_i | mu_m, C_m) for each row of ``data`` (N, L) and component, shape (N, M)."""
@@ -157,10 +204,10 @@ class MixtureEM:
         grow with N. Checks the data for NaN and infinite values (``step`` does not again).
         """
         self._check_parameters()
-        data = self._check_data(data, fitting=True)
+        data = self._chunked(data, fitting=True)
         rng = np.random.default_rng(self.random_state)
-        rows = np.sort(rng.choice(data.shape[0], size=min(data.shape[0], self.init_sample_size), replace=False))
-        sample = np.asarray(data[rows], dtype=np.float64)
+        rows = np.sort(rng.choice(data.n_rows, size=min(data.n_rows, self.init_sample_size), replace=False))
+        sample = data.take(rows)
         labels = kmeans_labels(self._clustering_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
         self._set_from_clusters(sample, labels, rng)
         self.log_likelihood_ = []
@@ -179,6 +226,21 @@ class MixtureEM:
                 self.converged_ = True
                 break
         return self
+
+    def step(self, data) -> float:
+        """One EM iteration on ``data``: an (N, L) array (any subset of the samples) or :class:`Chunks`.
+
+        Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value that EM
+        guarantees not to decrease), also appended to ``log_likelihood_``. The data are checked for NaN and
+        infinite values by :meth:`initialize`, not again here.
+        """
+        data = self._chunked(data, fitting=False, check_finite=False)
+        statistics = data.reduce(expectation, self.expectation_state())
+        self.maximization(statistics, data)
+        mean_log_likelihood = statistics.log_likelihood / statistics.n_samples
+        self.log_likelihood_.append(mean_log_likelihood)
+        self.n_iter_ += 1
+        return mean_log_likelihood
 
     def score_samples(self, data) -> np.ndarray:
         """Log-likelihood log p(y_i) of each row of ``data`` (N, L) under the mixture, shape (N,)."""
@@ -225,19 +287,36 @@ class MixtureEM:
             raise ValueError(f"data must be real numbers, got dtype {data.dtype}")
         self._check_features(data.shape[1], fitting=fitting)
         if fitting:
-            m, k = self.n_components, self.n_dims
-            needed = m * (k + 1) + 1
-            if data.shape[0] < needed:
-                raise ValueError(
-                    f"{data.shape[0]} samples are too few for {m} subspace(s) of dimension {k}: "
-                    f"need at least n_components * (n_dims + 1) + 1 = {needed}"
-                )
+            self._check_sample_count(data.shape[0])
         for start, rows in self._chunks(data) if check_finite else ():
             finite_rows = np.isfinite(rows).all(axis=1)
             if not finite_rows.all():
                 bad = start + int(np.flatnonzero(~finite_rows)[0])
                 raise ValueError(f"data contains NaN or infinite values (first in row {bad}); remove or fix those samples")
         return data
+
+    def _chunked(self, data, *, fitting: bool, check_finite: bool = True) -> Chunks:
+        """``data`` as Chunks: an array is checked (see :meth:`_check_data`) and cut into chunks of about
+        ``chunk_bytes`` of float64; Chunks (a sort's, whose rows were checked when they were made) are checked
+        against the model only."""
+        if not isinstance(data, Chunks):
+            data = self._check_data(data, fitting=fitting, check_finite=check_finite)
+            return LocalChunks(data, default_chunk_size(data.shape[1], self.chunk_bytes))
+        if not fitting:
+            check_is_fitted(self)
+        self._check_features(data.n_features, fitting=fitting)
+        if fitting:
+            self._check_sample_count(data.n_rows)
+        return data
+
+    def _check_sample_count(self, n_samples: int) -> None:
+        m, k = self.n_components, self.n_dims
+        needed = m * (k + 1) + 1
+        if n_samples < needed:
+            raise ValueError(
+                f"{n_samples} samples are too few for {m} subspace(s) of dimension {k}: "
+                f"need at least n_components * (n_dims + 1) + 1 = {needed}"
+            )
 
     def _chunks(self, data):
         """Yield (start, rows) over row chunks of ``data`` as float64.

@@ -10,11 +10,13 @@ K x K matrix S_m = W_m^T W_m + sigma_m^2 I_K (Woodbury identity and the matrix d
     C_m^{-1}     = (I - W_m S_m^{-1} W_m^T) / sigma_m^2
     log det C_m  = (L - K) log sigma_m^2 + log det S_m
 
-One EM iteration reads the data twice, in row chunks converted to float64: the first pass computes
-Y W (N x MK), the responsibilities (in the log domain) and the weighted sums of Y; the second pass
-accumulates Y^T (R * D W), from which the M-step gets S_m W_m without ever forming an L x L matrix
-(here S_m is the responsibility-weighted sample covariance). Time O(N L M K), memory O(N M K) beyond
-the data, and an L x L array is never built.
+One EM iteration reads the data once, in row chunks converted to float64: each chunk gives P = Y W
+(c x MK), the responsibilities R (in the log domain), and the sums the M-step needs (:class:`_Sums`):
+sum_i r_im, sum_i r_im y_i, sum_i r_im |y_i|^2, sum_i r_im y_i p_im^T and sum_i r_im p_im. They merge
+with ``+`` over chunks (and over Dask workers). The M-step gets S_m W_m from them, centred on the new mean
+(sum_i r_im (y_i - mu)(p_im - W^T mu)^T = sum r y p^T - (sum r y)(W^T mu)^T - mu (sum r p - T W^T mu)^T),
+without ever forming an L x L matrix (S_m is the responsibility-weighted sample covariance). Time
+O(N L M K), memory O(L M K) beyond one chunk, and an L x L array is never built.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from .mixture import MixtureEM, MixtureParameters, logsumexp_rows
+from .chunks import Chunks
+from .mixture import EStep, MixtureEM, MixtureParameters, logsumexp_rows
 
 __all__ = ["MixturePPCA"]
 
@@ -59,54 +62,46 @@ class MixturePPCA(MixtureEM):
             raise ValueError(f"data has {n_features} features but the model was fitted on {self.means_.shape[1]}")
 
     # ------------------------------------------------------------------ EM
-    def step(self, data) -> float:
-        """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
-
-        Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value
-        that EM guarantees not to decrease), also appended to ``log_likelihood_``. The data are checked
-        for NaN and infinite values by :meth:`initialize`, not again here.
-        """
-        data = self._check_data(data, fitting=False, check_finite=False)
-        n_samples, n_features = data.shape
+    def expectation(self, rows: np.ndarray) -> EStep:
+        """The E-step over a float64 chunk ``rows`` (c, L): the sums of :class:`_Sums`."""
         m_count, k = self.n_components, self.n_dims
         loadings = self.components_.transpose(0, 2, 1)  # (M, L, K)
-        stacked = loadings.transpose(1, 0, 2).reshape(n_features, m_count * k)  # (L, M*K)
+        stacked = loadings.transpose(1, 0, 2).reshape(rows.shape[1], m_count * k)  # (L, M*K)
+        projections = rows @ stacked
+        sq_norms = np.einsum("ij,ij->i", rows, rows)
+        log_dens = self._log_densities(rows, sq_norms, projections)
+        log_norm = logsumexp_rows(log_dens)
+        resp = np.exp(log_dens - log_norm[:, None])
+        weighted_proj = (projections.reshape(-1, m_count, k) * resp[:, :, None]).reshape(-1, m_count * k)
+        sums = _Sums(
+            totals=resp.sum(axis=0),
+            weighted_sum=(rows.T @ resp).T,  # as (L, c) @ (c, M): OpenBLAS is slow on the (M, c) @ (c, L) form
+            weighted_sq_norm=sq_norms @ resp,
+            cross=rows.T @ weighted_proj,
+            weighted_proj_sum=weighted_proj.sum(axis=0),
+        )
+        return EStep(sums, sums.totals.copy(), float(log_norm.sum()), rows.shape[0])
 
-        # Pass 1: projections, responsibilities and weighted sums of the data.
-        projections = np.empty((n_samples, m_count * k))
-        responsibilities = np.empty((n_samples, m_count))
-        weighted_sum = np.zeros((m_count, n_features))
-        weighted_sq_norm = np.zeros(m_count)
-        total_log_likelihood = 0.0
-        for start, rows in self._chunks(data):
-            stop = start + rows.shape[0]
-            proj = rows @ stacked
-            sq_norms = np.einsum("ij,ij->i", rows, rows)
-            log_dens = self._log_densities(rows, sq_norms, proj)
-            log_norm = logsumexp_rows(log_dens)
-            resp = np.exp(log_dens - log_norm[:, None])
-            projections[start:stop] = proj
-            responsibilities[start:stop] = resp
-            weighted_sum += (rows.T @ resp).T  # as (L, c) @ (c, M): OpenBLAS is slow on the (M, c) @ (c, L) form
-            weighted_sq_norm += sq_norms @ resp
-            total_log_likelihood += float(log_norm.sum())
-
-        totals = responsibilities.sum(axis=0)  # N_m
+    def maximization(self, statistics: EStep, data: Chunks) -> None:
+        """The M-step of Tipping & Bishop (1999, eq. 29) from the summed E-step; collapsed components (less
+        than K + 1 images' worth of responsibility) are re-seeded from ``data``."""
+        sums = statistics.moments
+        n_samples = statistics.n_samples
+        n_features = sums.weighted_sum.shape[1]
+        m_count, k = self.n_components, self.n_dims
+        loadings = self.components_.transpose(0, 2, 1)  # (M, L, K)
+        totals = sums.totals  # N_m
         collapsed = totals < (k + 1)
         safe_totals = np.where(collapsed, 1.0, totals)
-        new_means = weighted_sum / safe_totals[:, None]
-
-        # Pass 2: S_m W_m = (1/N_m) sum_i R_im (y_i - mu_m)(y_i - mu_m)^T W_m, without an L x L matrix.
-        centred_proj = projections.reshape(n_samples, m_count, k) - np.einsum("ml,mlk->mk", new_means, loadings)
-        weighted_proj = (centred_proj * responsibilities[:, :, None]).reshape(n_samples, m_count * k)
-        cross = np.zeros((n_features, m_count * k))
-        for start, rows in self._chunks(data):
-            cross += rows.T @ weighted_proj[start : start + rows.shape[0]]
-        cross = cross.reshape(n_features, m_count, k).transpose(1, 0, 2)  # (M, L, K)
-        weighted_proj_sum = weighted_proj.sum(axis=0).reshape(m_count, k)
+        new_means = sums.weighted_sum / safe_totals[:, None]
+        # S_m W_m = (1/N_m) sum_i R_im (y_i - mu_m)(p_im - W_m^T mu_m)^T, from the uncentred sums
+        mean_proj = np.einsum("ml,mlk->mk", new_means, loadings)  # W_m^T mu_m, (M, K)
+        cross = sums.cross.reshape(n_features, m_count, k).transpose(1, 0, 2)  # (M, L, K)
+        cross = cross - sums.weighted_sum[:, :, None] * mean_proj[:, None, :]
+        weighted_proj_sum = sums.weighted_proj_sum.reshape(m_count, k) - totals[:, None] * mean_proj
         cov_loadings = (cross - new_means[:, :, None] * weighted_proj_sum[:, None, :]) / safe_totals[:, None, None]
         # trace(S_m) = (1/N_m) sum_i R_im |y_i - mu_m|^2
-        cov_traces = weighted_sq_norm / safe_totals - np.einsum("ml,ml->m", new_means, new_means)
+        cov_traces = sums.weighted_sq_norm / safe_totals - np.einsum("ml,ml->m", new_means, new_means)
 
         new_loadings = np.empty_like(loadings)
         residual_variance = np.empty(m_count)
@@ -136,11 +131,6 @@ class MixturePPCA(MixtureEM):
         if collapsed.any():
             self._reseed(data, np.flatnonzero(collapsed))
         self.weights_ = self.weights_ / self.weights_.sum()
-
-        mean_log_likelihood = total_log_likelihood / n_samples
-        self.log_likelihood_.append(mean_log_likelihood)
-        self.n_iter_ += 1
-        return mean_log_likelihood
 
     def parameters(self) -> MixtureParameters:
         """A copy of the current parameters."""
@@ -200,21 +190,43 @@ class MixturePPCA(MixtureEM):
         if self.noise == "shared":
             self.noise_variance_[:] = self.weights_ @ self.noise_variance_
 
-    def _reseed(self, data, collapsed: np.ndarray) -> None:
-        """Restart collapsed components on the samples the other components explain worst."""
+    def _reseed(self, data: Chunks, collapsed: np.ndarray) -> None:
+        """Restart collapsed components on the samples the other components explain worst (of a set of at most
+        ``init_sample_size``; a random sample of a larger one)."""
         rng = np.random.default_rng(None if self.random_state is None else self.random_state + 7919 * (self.n_iter_ + 1))
-        n_samples = data.shape[0]
-        log_lik = self.score_samples(data) if n_samples <= self.init_sample_size else None
+        n_samples = data.n_rows
+        log_lik = data.concat(_log_likelihoods, self.expectation_state()) if n_samples <= self.init_sample_size else None
         for m in collapsed:
             if log_lik is not None:
                 candidates = np.argsort(log_lik)[: max(self.n_dims + 2, n_samples // (4 * self.n_components))]
             else:
                 candidates = rng.choice(n_samples, size=min(n_samples, self.init_sample_size), replace=False)
-            members = np.asarray(data[np.sort(candidates)], dtype=np.float64)
+            members = data.take(np.sort(candidates))
             self.means_[m], self.components_[m], sigma2 = _ppca_fit(members, self.n_dims, rng)
             self.noise_variance_[m] = self.noise_variance_[m] if self.noise == "shared" else sigma2
             self.weights_[m] = 1.0 / self.n_components
             self.n_reseeded_ += 1
+
+
+class _Sums:
+    """The sums of one E-step of :class:`MixturePPCA` over some images (p = W^T y with the loadings of the E-step):
+
+    totals (M,): sum_i r_im. weighted_sum (M, L): sum_i r_im y_i. weighted_sq_norm (M,): sum_i r_im |y_i|^2.
+    cross (L, M*K): sum_i y_i (r_im p_im)^T. weighted_proj_sum (M*K,): sum_i r_im p_im. ``+`` merges.
+    """
+
+    def __init__(self, totals, weighted_sum, weighted_sq_norm, cross, weighted_proj_sum):
+        self.totals, self.weighted_sum, self.weighted_sq_norm = totals, weighted_sum, weighted_sq_norm
+        self.cross, self.weighted_proj_sum = cross, weighted_proj_sum
+
+    def __add__(self, other: "_Sums") -> "_Sums":
+        return _Sums(*(getattr(self, name) + getattr(other, name)
+                       for name in ("totals", "weighted_sum", "weighted_sq_norm", "cross", "weighted_proj_sum")))
+
+
+def _log_likelihoods(rows: np.ndarray, offset: int, model: MixturePPCA) -> np.ndarray:
+    """(c,) log p(y_i) of a chunk of rows (c, L) (a Chunks.concat function)."""
+    return model.score_samples(rows)
 
 
 def _ppca_fit(members: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:

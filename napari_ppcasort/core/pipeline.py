@@ -44,7 +44,8 @@ Progress = Callable[[int, int], None]
 class PreparedCoefficients:
     """Basis coefficients of a particle set, with the basis and preprocessing that made them.
 
-    coefficients : (N, L) float32, row i for particle i of the set.
+    coefficients : (N, L) float32, row i for particle i of the set (or, for a sort on Dask, the DaskChunks that
+        hold them on the workers).
     """
 
     coefficients: np.ndarray
@@ -130,10 +131,15 @@ def _cropped_ctf(preprocessor: Preprocessor):
     return replace(preprocessor.ctf, pixel_size=preprocessor.output_pixel_size)
 
 
-def coefficient_steps(particles, settings: SortSettings):
+def coefficient_steps(particles, settings: SortSettings, *, client=None, chunk_size: int | None = None):
     """:func:`prepare_coefficients` as a generator: estimates the noise and the particle's radius, builds the
     basis, then yields (done, total) images after each chunk of the expansion, and returns the
-    PreparedCoefficients."""
+    PreparedCoefficients.
+
+    With a Dask ``client`` the expansion runs on its workers, one task per chunk of ``chunk_size`` particles,
+    and the coefficients stay there: ``PreparedCoefficients.coefficients`` is then a
+    :class:`~napari_ppcasort.core.distributed.DaskChunks`.
+    """
     preprocessor = fit_preprocessor(make_preprocessor(particles, settings), particles, settings)
     basis = BASES[settings.basis].build(particles, preprocessor, settings)
     if basis.n_coefficients <= settings.total_dimension:
@@ -141,7 +147,12 @@ def coefficient_steps(particles, settings: SortSettings):
             f"the {settings.basis.upper()} basis gives {basis.n_coefficients} coefficients, not more than the "
             f"total dimension {settings.total_dimension}: lower {{total_dimension}} or ask for more coefficients "
             "({n_coefficients})")
-    coefficients = yield from expansion_steps(particles, basis, preprocessor)
+    if client is None:
+        coefficients = yield from expansion_steps(particles, basis, preprocessor)
+    else:
+        from .distributed import expansion_steps as expansion_steps_on_workers
+
+        coefficients = yield from expansion_steps_on_workers(client, particles, basis, preprocessor, chunk_size)
     return PreparedCoefficients(coefficients=coefficients, basis=basis, preprocessor=preprocessor)
 
 

@@ -32,7 +32,11 @@ class BadImageError(ValueError):
         super().__init__(f"{label} {position}: {reason}")
         self.position = position
         self.reason = reason
+        self.label = label
         self.constant_background = constant_background
+
+    def __reduce__(self):  # raised on a Dask worker, re-raised on the client
+        return BadImageError, (self.position, self.reason, self.label, self.constant_background)
 
     def of_particles(self, indices) -> "BadImageError":
         """The same error naming the particle: ``indices`` are the particle indices of the batch's images."""

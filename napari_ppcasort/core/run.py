@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .chunks import Chunks, LocalChunks, column_range
 from .classes import ClassViews, class_views
 from .errors import ComputeError, SettingsError, SortCancelled, literal
 from .particles import ArrayParticleSet, ParticleFileError, ParticleSet, open_particles
@@ -137,7 +138,8 @@ class SortResult:
         scorer: the junk score, ``scorer(model, coefficients) -> (N,)``.
         basis: the basis of the coefficients (``basis.evaluate`` turns coefficients into images).
         preprocessor: the preprocessing applied before the expansion.
-        coefficients: (N, L) float32, the basis coefficients of every particle.
+        coefficients: (N, L) float32, the basis coefficients of every particle (for a sort on Dask, the
+            DaskChunks that hold them on the workers, while the client is open).
         overrides: particles moved across the cut by hand (see :mod:`napari_ppcasort.core.selection`).
 
     The kept set (:attr:`kept_mask`) is the particles the sort kept, or those scoring at most
@@ -200,6 +202,9 @@ class SortResult:
 
     def class_views(self) -> ClassViews:
         """The components as classes: members, counts, weights, mean scores and in-plane aligned averages."""
+        if isinstance(self.coefficients, Chunks):
+            raise ValueError("class views need the coefficients in this process; a sort on Dask keeps them on the "
+                             "workers")
         return class_views(self.model, self.final.parameters, self.basis, self.coefficients, self.scores)
 
     @property
@@ -304,7 +309,8 @@ def check_sort(particles: ParticleSet, settings: SortSettings) -> None:
 
 
 def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int = N_COMPONENTS_SHOWN,
-              shown: threading.Event | None = None, with_classes: bool = False) -> Iterator:
+              shown: threading.Event | None = None, with_classes: bool = False, client=None,
+              chunk_size: int | None = None) -> Iterator:
     """Sort ``particles`` with ``settings``, yielding progress events (see the module docstring).
 
     Args:
@@ -316,7 +322,14 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
         shown: if given, the sort pauses after each RoundDone until ``shown`` is set (by a GUI, once it has
             drawn the round), so that drawing never competes with the sort for the CPU.
         with_classes: every RoundDone carries the components as classes (``RoundDone.classes``: members and
-            aligned averages; costs about one E-step over all images per round).
+            aligned averages; costs about one E-step over all images per round). Not with ``client``.
+        client: a ``distributed.Client``: the images are read, preprocessed and expanded by its workers, which
+            keep the coefficients and run the E-steps and the scores; the client runs the M-steps and keeps the
+            kept mask (see :mod:`napari_ppcasort.core.distributed`). The workers must see the particle files at
+            the paths this process sees.
+        chunk_size: particles per chunk of the EM (and per Dask task); default about 64 MB of float64
+            coefficients (28,053 particles of 299). The local and the Dask sort with the same chunk size sum in
+            the same order.
 
     Raises:
         InputError (ParticleFileError, SettingsError) naming the file and the setting, before the expensive
@@ -325,9 +338,14 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
     particles = as_particle_set(particles)
     settings = as_settings(settings)
     cancelled = _cancel_check(cancel)
+    if client is not None and with_classes:
+        raise ValueError("with_classes needs the coefficients in this process; a sort on Dask (client) keeps them "
+                         "on the workers")
     check_sort(particles, settings)
+    prepared = None
+    completed = False
     try:
-        steps = coefficient_steps(particles, settings)
+        steps = coefficient_steps(particles, settings, client=client, chunk_size=chunk_size)
         while True:
             if cancelled():
                 return
@@ -339,13 +357,14 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
             yield CoefficientsProgress(done, total)
         _check_spread(prepared.coefficients, particles, settings)
         sorter = make_sorter(settings, prepared.basis)
-        sorter.start(prepared.coefficients)
+        sorter.start(prepared.coefficients, chunk_size=chunk_size)
         n_rounds = len(sorter.schedule)
         yield SortStarted(n_rounds, prepared.coefficients.shape[0], prepared.coefficients.shape[1],
                           automatic=sorter.automatic)
         result = yield from _rounds(sorter, prepared, n_components_shown, n_rounds, cancelled, shown, with_classes)
         if result is None:
             return
+        completed = True
         yield SortFinished(SortResult(particles=particles, settings=settings, final=result, model=sorter.model,
                                       scorer=sorter.scorer, basis=prepared.basis, preprocessor=prepared.preprocessor,
                                       coefficients=prepared.coefficients))
@@ -364,6 +383,9 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
         raise ComputeError(f"not enough memory to sort {particles.n_particles} images of {particles.box_size} px "
                            f"({literal(error) or 'MemoryError'}); lower {{box_size}} or {{n_coefficients}}, or sort "
                            "fewer particles at a time") from None
+    finally:
+        if not completed and prepared is not None and hasattr(prepared.coefficients, "release"):
+            prepared.coefficients.release()  # a sort on Dask that stops half-way: cancel its tasks, free the workers
 
 
 def _rounds(sorter: OnlineSorter, prepared, n_components_shown: int, n_rounds: int, cancelled, shown,
@@ -395,8 +417,8 @@ def _rounds(sorter: OnlineSorter, prepared, n_components_shown: int, n_rounds: i
     return result
 
 
-def sort_particles(particles, settings=None, *, cancel=None, progress: Callable | None = None,
-                   **changes) -> SortResult:
+def sort_particles(particles, settings=None, *, cancel=None, progress: Callable | None = None, client=None,
+                   chunk_size: int | None = None, **changes) -> SortResult:
     """Sort ``particles`` and return the :class:`SortResult` (nothing is written: see ``SortResult.export``).
 
     Args:
@@ -405,8 +427,10 @@ def sort_particles(particles, settings=None, *, cancel=None, progress: Callable 
             settings (``sort_particles("p.star", n_rounds=3)``).
         cancel: see :func:`iter_sort`; a cancelled sort raises SortCancelled.
         progress: called with every event of :func:`iter_sort`.
+        client, chunk_size: a ``distributed.Client`` to sort on, and the particles per chunk (see :func:`iter_sort`).
     """
-    for event in iter_sort(particles, as_settings(settings, **changes), cancel=cancel):
+    for event in iter_sort(particles, as_settings(settings, **changes), cancel=cancel, client=client,
+                           chunk_size=chunk_size):
         if progress is not None:
             progress(event)
         if isinstance(event, SortFinished):
@@ -432,15 +456,14 @@ def _wait_unless_cancelled(event: threading.Event, cancelled: Callable[[], bool]
     return True
 
 
-def _check_spread(coefficients: np.ndarray, particles, settings: SortSettings) -> None:
+def _check_spread(coefficients, particles, settings: SortSettings) -> None:
     """InputError if every image is the same inside the mask (all blank, say): there is nothing to sort, and
-    the initialisation could not tell the subspaces apart."""
-    first = np.asarray(coefficients[0], dtype=np.float64)
-    step = max(1, 2**24 // max(coefficients.shape[1], 1))
-    for start in range(0, coefficients.shape[0], step):
-        if np.any(np.asarray(coefficients[start:start + step], dtype=np.float64) != first):
-            return
-    what = "blank (0)" if not first.any() else "the same"
-    raise ParticleFileError(f"{particles.path}: all {coefficients.shape[0]} images are {what} inside the mask "
+    the initialisation could not tell the subspaces apart. ``coefficients``: (N, L) array or Chunks."""
+    chunks = coefficients if isinstance(coefficients, Chunks) else LocalChunks(coefficients)
+    spread = chunks.reduce(column_range)
+    if np.any(spread.high > spread.low):
+        return
+    what = "blank (0)" if not (spread.low.any() or spread.high.any()) else "the same"
+    raise ParticleFileError(f"{particles.path}: all {chunks.n_total} images are {what} inside the mask "
                             "circle after preprocessing: there is nothing to sort")
 

@@ -27,7 +27,8 @@ from .mixture import NOISE_MODELS
 from .models import MODELS
 from .sorting import COMBINATIONS
 
-__all__ = ["Setting", "SETTINGS", "SortSettings", "setting", "read_settings_file", "cli_name"]
+__all__ = ["Setting", "SETTINGS", "SortSettings", "ClusterSettings", "CLUSTER_SETTINGS", "setting", "read_settings_file",
+           "cli_name"]
 
 
 @dataclass(frozen=True)
@@ -305,10 +306,39 @@ def _refuse_unknown(values: dict) -> None:
                             f"{', '.join(SETTINGS)}")
 
 
-def _declarations() -> dict[str, Setting]:
-    hints = typing.get_type_hints(SortSettings)
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where a sort runs: in this process (the default), on a Dask cluster of worker processes on this machine,
+    or on a running Dask scheduler's workers. They do not change the result (up to the summation order of the
+    EM's sums), so they are not part of SortSettings nor of a parameters.json."""
+
+    dask_workers: int | None = setting(
+        None, minimum=1, label="Dask workers", none_means="sort in this process",
+        help="sort on a Dask cluster of this many worker processes on this machine (one thread each): the chunks of "
+             "the stack are read, expanded and kept by the workers (needs the dask extra)")
+    dask_scheduler: str | None = setting(
+        None, label="Dask scheduler", none_means="sort in this process (or --dask-workers)",
+        help="sort on the workers of the running Dask scheduler at this address (tcp://host:8786, as 'dask scheduler' "
+             "prints it, or the file its --scheduler-file wrote; or a dask-jobqueue cluster's): they must see the "
+             "particle files at the same paths (needs the dask extra)")
+
+    def __post_init__(self):
+        for declaration in CLUSTER_SETTINGS.values():
+            object.__setattr__(self, declaration.name, declaration.check(getattr(self, declaration.name)))
+        if self.dask_workers is not None and self.dask_scheduler is not None:
+            raise SettingsError("give {dask_workers} (a cluster on this machine) or {dask_scheduler} (a running "
+                                "scheduler), not both")
+
+    @property
+    def distributed(self) -> bool:
+        """True when the sort runs on Dask."""
+        return self.dask_workers is not None or self.dask_scheduler is not None
+
+
+def _declarations(cls=SortSettings) -> dict[str, Setting]:
+    hints = typing.get_type_hints(cls)
     declarations = {}
-    for each in fields(SortSettings):
+    for each in fields(cls):
         hint = hints[each.name]
         optional = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType"))
         value_type = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if optional else hint
@@ -319,11 +349,14 @@ def _declarations() -> dict[str, Setting]:
 
 #: The declaration of every setting, by name, in the order of SortSettings' fields.
 SETTINGS: dict[str, Setting] = _declarations()
+#: The declaration of every setting of where a sort runs (:class:`ClusterSettings`), by name.
+CLUSTER_SETTINGS: dict[str, Setting] = _declarations(ClusterSettings)
 
 
 def cli_name(name: str, form: str = "") -> str:
     """How the command line names a setting: ``--n-subspaces``; a yes/no setting switched off: ``--no-normalize``."""
-    option = SETTINGS[name].option if name in SETTINGS else "--" + name.replace("_", "-")
+    declaration = SETTINGS.get(name) or CLUSTER_SETTINGS.get(name)
+    option = declaration.option if declaration is not None else "--" + name.replace("_", "-")
     return "--no-" + option[2:] if form == "off" else option
 
 

@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .mixture import MixtureParameters
+from .chunks import Chunks, LocalChunks, default_chunk_size
+from .mixture import MixtureParameters, score_rows
 from .mppca import MixturePPCA
 
 __all__ = ["COMBINATIONS", "SortRound", "OnlineSorter", "SortingFactorScore", "sorting_factors"]
@@ -221,17 +222,24 @@ class OnlineSorter:
             remaining -= count
         return counts
 
-    def start(self, data) -> None:
-        """Initialise the model on all of ``data`` (N, L) and reset the bookkeeping.
+    def start(self, data, chunk_size: int | None = None) -> None:
+        """Initialise the model on all of ``data`` and reset the bookkeeping.
 
+        data: the (N, L) coefficients (cut into chunks of ``chunk_size`` rows, default about the model's
+            ``chunk_bytes`` of float64), or :class:`~napari_ppcasort.core.chunks.Chunks` (on Dask workers, say).
         ValueError if no round could remove an image (too few images for the model, or a target kept fraction
         already reached).
         """
+        if not isinstance(data, Chunks):
+            self.model.initialize(data)  # checks the array (shape, NaN) first
+            data = data if isinstance(data, np.memmap) else np.asarray(data)
+            data = LocalChunks(data, chunk_size or default_chunk_size(data.shape[1], self.model.chunk_bytes))
+        else:
+            self.model.initialize(data)
         self._data = data
-        self._n_total = data.shape[0]
-        self.model.initialize(data)
+        self._n_total = data.n_total
         self._kept = np.arange(self._n_total)
-        self._active = np.asarray(data)
+        self._active = data
         self._removed: list[np.ndarray] = []
         self._final_scores = np.full(self._n_total, np.nan)
         self._removal_round = np.zeros(self._n_total, dtype=np.int64)
@@ -246,6 +254,11 @@ class OnlineSorter:
                                  "images: there is nothing to remove")
             raise ValueError(f"{self._n_total} images are too few to sort with {model.n_components} subspaces of "
                              f"dimension {model.n_dims}: lower n_subspaces or total_dimension")
+
+    @property
+    def active(self) -> Chunks:
+        """The remaining images (the chunks of the data with the kept mask)."""
+        return self._active
 
     def em_step(self) -> float:
         """One EM iteration on the remaining images; returns the mean log-likelihood before it."""
@@ -265,7 +278,7 @@ class OnlineSorter:
     def prune(self) -> SortRound:
         """Score the remaining images, remove the worst ones and report the round."""
         self._round += 1
-        scores = np.asarray(self.scorer(self.model, self._active), dtype=np.float64)
+        scores = self._active.concat(score_rows, self.model.expectation_state(), self.scorer)
         n_remove = self.schedule[self._round - 1]
         if self.automatic:
             found = (self._outlier_count(scores) if self.outlier_threshold is not None
@@ -283,7 +296,7 @@ class OnlineSorter:
         self._removal_round[removed_now] = self._round
         self._removed.append(removed_now)
         self._kept = scored[keep_positions]
-        self._active = self._active[keep_positions]
+        self._active = self._active.keep(keep_positions)
         cut = float(scores[keep_positions].max()) if keep_positions.size else -np.inf
         return SortRound(
             round=self._round,

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .mixture import DEFAULT_CHUNK_BYTES, MixtureEM, MixtureParameters, logsumexp_rows
+from .chunks import Chunks
+from .mixture import DEFAULT_CHUNK_BYTES, EStep, MixtureEM, MixtureParameters, logsumexp_rows
 
 __all__ = [
     "MeanEvidenceScore",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 _LOG_2PI = np.log(2.0 * np.pi)
+#: Rows per pass of the block second moments (a (SUB_ROWS, L) float64 block: 4.9 MB at L = 299; measured best of
+#: 512, 2048, 8192 and a whole chunk with benchmarks/bench_em.py --default).
+SUB_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ class SteerableLayout:
         N), paired by radial index.
     size_groups : list of (cos (g, s) int, sin (g, s) int): the columns of the g blocks of each size s,
         for batched products.
+    block_order : (L,) int, the columns laid out block by block: the N = 0 columns, then for each size group, for
+        each of its blocks, its s cos columns and its s sin columns.
+    group_offsets : (n_groups,) int, where each size group starts in ``block_order``.
     """
 
     def __init__(self, angular_frequencies, is_sine, radial_indices):
@@ -134,6 +141,13 @@ class SteerableLayout:
                 np.stack([self.cos_columns[b] for b in blocks]),
                 np.stack([self.sin_columns[b] for b in blocks]),
             ))
+        order = [self.zero_columns]
+        offsets = []
+        for cos, sin in self.size_groups:
+            offsets.append(sum(part.size for part in order))
+            order.append(np.concatenate([cos, sin], axis=1).ravel())  # block by block: [cos | sin]
+        self.block_order = np.concatenate(order).astype(np.int64)
+        self.group_offsets = np.array(offsets, dtype=np.int64)
 
 
 class _Statistics:
@@ -142,6 +156,9 @@ class _Statistics:
     totals (M,): sum_i r_im. zero_sums (M, n_0): sum_i r_im x_i. zero_moments (M, n_0, n_0):
     sum_i r_im x_i x_i^T. energies (M,): sum_i r_im |y_i|^2. group_moments[g] (M, g, s, s) complex:
     sum_i r_im z_i z_i^H for each block of size group g.
+
+    Sums over images: the statistics of two sets of images merge with ``+`` (chunks of a sort, possibly
+    computed on different Dask workers).
     """
 
     def __init__(self, layout: SteerableLayout, n_components: int):
@@ -154,6 +171,14 @@ class _Statistics:
         self.group_moments = [
             np.zeros((n_components, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups
         ]
+
+    def __add__(self, other: "_Statistics") -> "_Statistics":
+        total = _Statistics.__new__(_Statistics)
+        total.layout = self.layout
+        for name in ("totals", "zero_sums", "zero_moments", "energies"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        total.group_moments = [mine + theirs for mine, theirs in zip(self.group_moments, other.group_moments)]
+        return total
 
     def add(self, rows: np.ndarray, weights: np.ndarray, mean_weights: np.ndarray | None = None,
             total_weights: np.ndarray | None = None) -> None:
@@ -168,14 +193,28 @@ class _Statistics:
         self.energies += weights.T @ np.einsum("ij,ij->i", rows, rows)
         zero = rows[:, layout.zero_columns]
         self.zero_sums += (weights if mean_weights is None else mean_weights).T @ zero
-        for m in range(weights.shape[1]):
-            self.zero_moments[m] += (zero * weights[:, m : m + 1]).T @ zero
-        for (cos, sin), moments in zip(layout.size_groups, self.group_moments):
-            # (g, c, s) complex: the blocks of this size side by side
-            z = (rows[:, cos] + 1j * rows[:, sin]).transpose(1, 0, 2)
-            z_conj = z.conj()
+        # Second moments as real products: with x = [a | b] (c, 2s) a block's cos and sin columns side by side and
+        # G = x^T diag(r) x, sum r z z^H = (G_aa + G_bb) + i (G_ba - G_ab). The rows go in passes of SUB_ROWS, laid
+        # out block by block once per pass; each size group's columns are scaled by sqrt(r) just before its
+        # product, so that the scaled copy is read from cache.
+        roots = np.sqrt(np.maximum(weights, 0.0))
+        n_zero = layout.zero_columns.size
+        grams = [np.zeros((weights.shape[1], cos.shape[0], 2 * cos.shape[1], 2 * cos.shape[1]))
+                 for cos, _ in layout.size_groups]
+        for start in range(0, rows.shape[0], SUB_ROWS):
+            ordered = rows[start:start + SUB_ROWS][:, layout.block_order]  # (c', L)
             for m in range(weights.shape[1]):
-                moments[m] += np.matmul((z * weights[None, :, m, None]).transpose(0, 2, 1), z_conj)
+                root = roots[start:start + SUB_ROWS, m, None]
+                x = ordered[:, :n_zero] * root
+                self.zero_moments[m] += x.T @ x
+                for (cos, _), offset, gram in zip(layout.size_groups, layout.group_offsets, grams):
+                    n_blocks, width = cos.shape[0], 2 * cos.shape[1]
+                    scaled = ordered[:, offset:offset + n_blocks * width] * root
+                    blocks = scaled.reshape(-1, n_blocks, width).transpose(1, 0, 2)  # (g, c', 2s)
+                    gram[m] += np.matmul(blocks.transpose(0, 2, 1), blocks)  # (g, 2s, 2s): a GEMM per block
+        for (cos, _), gram, moments in zip(layout.size_groups, grams, self.group_moments):
+            s = cos.shape[1]
+            moments += gram[..., :s, :s] + gram[..., s:, s:] + 1j * (gram[..., s:, :s] - gram[..., :s, s:])
 
 
 class SteerableMixturePPCA(MixtureEM):
@@ -262,28 +301,21 @@ class SteerableMixturePPCA(MixtureEM):
         statistics.add(sample, np.eye(m_count)[labels])
         self._maximize(statistics, np.ones(m_count, dtype=bool))
 
-    def step(self, data) -> float:
-        """One EM iteration on ``data`` (N, L), which may be any subset of the samples.
-
-        Returns the mean log-likelihood per sample under the parameters BEFORE the update (the value
-        that EM guarantees not to decrease), also appended to ``log_likelihood_``.
-        """
-        data = self._check_data(data, fitting=False, check_finite=False)
+    def expectation(self, rows: np.ndarray) -> EStep:
+        """The E-step over a float64 chunk ``rows`` (c, L): block statistics of the responsibilities."""
+        log_dens = self._log_densities(rows)
+        log_norm = logsumexp_rows(log_dens)
         statistics = _Statistics(self.layout, self.n_components)
-        total_log_likelihood = 0.0
-        for _, rows in self._chunks(data):
-            log_dens = self._log_densities(rows)
-            log_norm = logsumexp_rows(log_dens)
-            statistics.add(rows, np.exp(log_dens - log_norm[:, None]))
-            total_log_likelihood += float(log_norm.sum())
-        healthy = statistics.totals >= self.n_dims + 1
-        self._maximize(statistics, healthy)
+        statistics.add(rows, np.exp(log_dens - log_norm[:, None]))
+        return EStep(statistics, statistics.totals.copy(), float(log_norm.sum()), rows.shape[0])
+
+    def maximization(self, statistics: EStep, data: Chunks) -> None:
+        """The exact M-step; a component left with fewer than K + 1 images' worth of responsibility is re-seeded
+        on a random subset of ``data``."""
+        healthy = statistics.moments.totals >= self.n_dims + 1
+        self._maximize(statistics.moments, healthy)
         if not healthy.all():
             self._reseed(data, np.flatnonzero(~healthy))
-        mean_log_likelihood = total_log_likelihood / data.shape[0]
-        self.log_likelihood_.append(mean_log_likelihood)
-        self.n_iter_ += 1
-        return mean_log_likelihood
 
     def log_densities(self, data) -> np.ndarray:
         """log pi_m + log N(y_i | mu_m, C_m) for each row of ``data`` (N, L) and component, shape (N, M)."""
@@ -418,22 +450,34 @@ class SteerableMixturePPCA(MixtureEM):
                 row += 2
         return axes, chosen
 
-    def _reseed(self, data, collapsed: np.ndarray) -> None:
-        """Restart each collapsed component as the ML model of a random subset of the data."""
+    def _reseed(self, data: Chunks, collapsed: np.ndarray) -> None:
+        """Restart each collapsed component as the ML model of a random subset of the data (its statistics
+        summed over the chunks, where the rows are)."""
         seed = None if self.random_state is None else self.random_state + 7919 * (self.n_iter_ + 1)
         rng = np.random.default_rng(seed)
-        n_samples = data.shape[0]
+        n_samples = data.n_rows
         for m in collapsed:
             size = min(n_samples, max(self.n_dims + 2, n_samples // (4 * self.n_components)))
             rows = np.sort(rng.choice(n_samples, size=size, replace=False))
-            statistics = _Statistics(self.layout, self.n_components)
-            statistics.add(np.asarray(data[rows], dtype=np.float64), np.eye(self.n_components)[np.full(size, m)])
+            statistics = data.reduce(component_statistics, self.layout, self.n_components, rows, int(m))
             only = np.arange(self.n_components) == m
             weights = self.weights_.copy()
             self._maximize(statistics, only)
             weights[m] = 1.0 / self.n_components
             self.weights_ = weights / weights.sum()
             self.n_reseeded_ += 1
+
+
+def component_statistics(rows: np.ndarray, offset: int, layout: SteerableLayout, n_components: int,
+                         positions: np.ndarray, component: int) -> _Statistics:
+    """The statistics of the rows at ``positions`` (ascending, among all kept rows) that fall in this chunk
+    (rows (c, L) from kept row ``offset`` on), each given wholly to ``component`` (a Chunks.reduce function)."""
+    local = positions[(positions >= offset) & (positions < offset + rows.shape[0])] - offset
+    statistics = _Statistics(layout, n_components)
+    weights = np.zeros((local.size, n_components))
+    weights[:, component] = 1.0
+    statistics.add(rows[local], weights)
+    return statistics
 
 
 def _evidence_directions(parameters: MixtureParameters) -> np.ndarray:

@@ -1,0 +1,131 @@
+"""One process against a Dask LocalCluster of 1 and 2 worker processes, on N 64-px images read from disk.
+
+Writes (once) an N-image .mrcs stack in FOLDER: a simulated pool of 12,000 images (10,000 particles, 1,000
+outliers, 1,000 noise boxes at SNR 1/10, 64 px) repeated in turn, each pass turned by a quarter turn (or
+transposed) so that no two images are the same for N <= 96,000 (beyond that the passes repeat). Then, for each
+configuration, a fresh subprocess sorts it with the default settings but a fixed schedule (``--stop schedule
+--n-rounds 2``: 12 EM iterations, the same work whatever the data) and prints:
+
+* wall time of the whole sort, of the expansion (start to SortStarted) and the median EM iteration;
+* bytes the client sent and received per EM iteration (one more EM iteration after the sort, on the kept set);
+* peak RSS (VmHWM) of the client process (which also runs the scheduler of a LocalCluster) and of each worker.
+
+    python benchmarks/bench_scale.py --n 240000                  # local, 1 and 2 workers
+    python benchmarks/bench_scale.py --n 60000 --configs local 2   # some of them
+
+Nothing is asserted: the figures are printed (see docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+POOL = dict(n_particles=10000, n_outliers=1000, n_noise=1000, box_size=64, snr=0.1, random_state=0)
+SETTINGS = dict(stop="schedule", n_rounds=2)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM, MiB; not getrusage's ru_maxrss, which on Linux keeps the peak of
+    the process image a fork and exec came from)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
+def write_stack(path: Path, n: int) -> None:
+    """An n-image stack from the simulated pool (see the module docstring), written chunk by chunk."""
+    import mrcfile
+
+    from napari_ppcasort.core.simulate import simulate_particles
+
+    pool = simulate_particles(**POOL).images.astype(np.float32)
+    size = pool.shape[0]
+    partial = path.with_suffix(".part")
+    with mrcfile.new_mmap(partial, shape=(n, 64, 64), mrc_mode=2, overwrite=True) as mrc:
+        for start in range(0, n, size):
+            rounds = start // size
+            block = np.rot90(pool, k=rounds % 4, axes=(1, 2))
+            if (rounds // 4) % 2:
+                block = block.transpose(0, 2, 1)
+            mrc.data[start:start + size] = block[: n - start]
+    partial.rename(path)
+
+
+def measure(stack: Path, config: str) -> dict:
+    """Sort ``stack`` in this process (``config`` 'local') or on a LocalCluster of int(config) workers."""
+    from napari_ppcasort import IterationDone, SortFinished, SortSettings, SortStarted, iter_sort, open_particles
+    from napari_ppcasort.core.distributed import dask_client
+
+    settings = SortSettings(**SETTINGS)
+    workers = None if config == "local" else int(config)
+    out = {"config": config}
+    with dask_client(workers=workers) as client, open_particles(stack) as particles:
+        started = time.perf_counter()
+        iterations = []
+        for event in iter_sort(particles, settings, client=client):
+            if isinstance(event, SortStarted):
+                out["expansion_s"] = time.perf_counter() - started
+            elif isinstance(event, IterationDone):
+                iterations.append(event.finished - event.started)
+            elif isinstance(event, SortFinished):
+                result = event.result
+        out["wall_s"] = time.perf_counter() - started
+        out["iteration_s"] = float(np.median(iterations))
+        out["n_iterations"] = len(iterations)
+        out["n_kept"] = result.n_kept
+        if client is not None:
+            chunks = result.coefficients.keep(np.flatnonzero(result.sort_kept_mask))
+            before = (chunks.traffic.sent, chunks.traffic.received)
+            result.model.step(chunks)
+            out["sent_per_iteration"] = chunks.traffic.sent - before[0]
+            out["received_per_iteration"] = chunks.traffic.received - before[1]
+            out["n_chunks"] = chunks.n_chunks
+            out["worker_peak_rss_mib"] = sorted(client.run(peak_rss_mib).values())
+    out["client_peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=240000, help="images in the stack [240000]")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/ppcasort-bench-scale"),
+                        help="where the stack is written (once) [/tmp/ppcasort-bench-scale]")
+    parser.add_argument("--configs", nargs="+", default=["local", "1", "2"],
+                        help="'local' and/or numbers of workers [local 1 2]")
+    parser.add_argument("--one", nargs=2, metavar=("STACK", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(Path(args.one[0]), args.one[1])))
+        return
+    args.folder.mkdir(parents=True, exist_ok=True)
+    stack = args.folder / f"scale_{args.n}.mrcs"
+    if not stack.exists():
+        started = time.perf_counter()
+        write_stack(stack, args.n)
+        print(f"wrote {stack} ({stack.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s",
+              flush=True)
+    print(f"{'config':>7} {'wall (s)':>8} {'expand (s)':>10} {'EM iter (s)':>11} {'iters':>5} {'kept':>7} "
+          f"{'sent/iter (kB)':>14} {'recv/iter (kB)':>14} {'client peak (MiB)':>17} {'worker peaks (MiB)':>18}")
+    for config in args.configs:
+        line = subprocess.run([sys.executable, __file__, "--one", str(stack), config], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        r = json.loads(line)
+        sent = f"{r['sent_per_iteration'] / 1e3:.0f}" if "sent_per_iteration" in r else "-"
+        received = f"{r['received_per_iteration'] / 1e3:.0f}" if "received_per_iteration" in r else "-"
+        workers = ", ".join(f"{peak:.0f}" for peak in r.get("worker_peak_rss_mib", [])) or "-"
+        print(f"{r['config']:>7} {r['wall_s']:>8.1f} {r['expansion_s']:>10.1f} {r['iteration_s']:>11.2f} "
+              f"{r['n_iterations']:>5} {r['n_kept']:>7} {sent:>14} {received:>14} {r['client_peak_rss_mib']:>17.0f} "
+              f"{workers:>18}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
