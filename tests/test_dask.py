@@ -200,13 +200,17 @@ def test_ctrl_c_during_a_sort_on_local_workers_stops_everything_and_writes_nothi
     """Ctrl-C on a terminal signals the whole process group: the workers ignore it, ppcasort ends the sort, closes the
     cluster and says so in one line (exit 130); no output, and no process of the group is left."""
     command = [sys.executable, "-m", "napari_ppcasort.cli", "sort", str(star), "-o", str(tmp_path / "out"),
-               *SMALL_OPTIONS, "--stop", "schedule", "--n-rounds", "5", "--dask-workers", "2", "-v"]
+               *SMALL_OPTIONS, "--stop", "schedule", "--n-rounds", "40", "--alpha", "0.01", "--dask-workers", "2",
+               "-v"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    first = process.stderr.readline()  # "coefficients: ...": the EM is starting on the workers
+    # Ctrl-C once the EM runs on the workers (the first round is reported; 39 rounds are left, seconds of work on
+    # an idle machine: before, the signal could land while the cluster started, when it is ignored)
+    lines = [process.stderr.readline() for _ in range(2)]
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert first.startswith("coefficients:"), first + err
+    first = lines[0]
+    assert first.startswith("coefficients:") and lines[1].startswith("round 1/40"), "".join(lines) + err
     assert process.returncode == 130, err
     assert err.splitlines() == ["ppcasort sort: interrupted; no partial output was left"], err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
