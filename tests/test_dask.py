@@ -202,8 +202,10 @@ def test_ctrl_c_during_a_sort_on_local_workers_stops_everything_and_writes_nothi
     command = [sys.executable, "-m", "napari_ppcasort.cli", "sort", str(star), "-o", str(tmp_path / "out"),
                *SMALL_OPTIONS, "--stop", "schedule", "--n-rounds", "40", "--alpha", "0.01", "--dask-workers", "2",
                "-v"]
+    # as from a terminal: SIGINT at its default (a test run in the background, as CI may do, inherits it ignored,
+    # and Python then keeps ignoring it)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Ctrl-C once the EM runs on the workers (the first round is reported; 39 rounds are left, seconds of work on
     # an idle machine: before, the signal could land while the cluster started, when it is ignored)
     lines = [process.stderr.readline() for _ in range(2)]
