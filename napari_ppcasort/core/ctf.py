@@ -1,4 +1,5 @@
-"""The contrast transfer function (CTF): its formula, the CTF of each particle from its metadata, phase flipping.
+"""The contrast transfer function (CTF): its formula, the CTF of each particle from its metadata, and its signs
+for phase flipping.
 
 Every image of a micrograph is the object's projection filtered by the micrograph's CTF, whose sign
 alternates between the Thon rings. Two views of one particle at different defoci therefore differ more
@@ -24,7 +25,6 @@ __all__ = [
     "ctf_at",
     "CTFParameters",
     "ctf_parameters",
-    "phase_flip",
 ]
 
 # The microscope of the simulators and the default of every CTF here: a 300 kV microscope with Cs 2.7 mm.
@@ -219,11 +219,3 @@ def _relion_microscope(table, optics) -> dict[str, np.ndarray] | None:
         else:
             return None
     return values
-
-
-def phase_flip(images: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Multiply the spectrum of each image (n, box, box) by ``signs`` (n, box, box // 2 + 1) (from
-    :meth:`CTFParameters.signs`): the phase-flipped images, float32."""
-    spectrum = scipy.fft.rfft2(images, workers=-1)
-    spectrum *= signs
-    return scipy.fft.irfft2(spectrum, s=images.shape[1:], workers=-1).astype(np.float32, copy=False)

@@ -24,7 +24,8 @@ import numpy as np
 import scipy.fft
 import scipy.stats
 
-__all__ = ["NoiseSpectrum", "estimate_noise_spectrum", "noise_levels", "estimate_particle_radius"]
+__all__ = ["NoiseSpectrum", "estimate_noise_spectrum", "noise_levels", "spectral_noise_levels",
+           "estimate_particle_radius"]
 
 #: Spatial frequencies (cycles per pixel) in which an image's own noise level is measured.
 NOISE_BAND = (0.3, 0.5)
@@ -54,13 +55,15 @@ class NoiseSpectrum:
     box: int
     power: np.ndarray
 
+    def whitening_filter(self) -> np.ndarray:
+        """(box, box // 2 + 1) float32, 1 / sqrt(noise power) on the ``scipy.fft.rfft2`` grid."""
+        return (1.0 / np.sqrt(self.power[_ring_index(self.box)])).astype(np.float32)
+
     def whiten(self, images: np.ndarray) -> np.ndarray:
         """(n, box, box) images with every spatial frequency divided by sqrt(noise power): white noise of
         variance 1 per pixel. float32."""
-        rings = _ring_index(self.box)
-        filter_ = (1.0 / np.sqrt(self.power[rings])).astype(np.float32)
         spectrum = scipy.fft.rfft2(images, workers=-1)
-        spectrum *= filter_
+        spectrum *= self.whitening_filter()
         return scipy.fft.irfft2(spectrum, s=(self.box, self.box), workers=-1).astype(np.float32, copy=False)
 
 
@@ -105,14 +108,20 @@ def estimate_noise_spectrum(images: np.ndarray, background_radius: float | None 
 
 
 def noise_levels(whitened: np.ndarray) -> np.ndarray:
-    """(n,) float64: each whitened image's noise standard deviation, from the median power of its spatial
-    frequencies in NOISE_BAND (the median of an exponential variable is ln 2 times its mean)."""
-    box = whitened.shape[1]
+    """(n,) float64: each whitened image's (n, box, box) noise standard deviation (see
+    :func:`spectral_noise_levels`)."""
+    return spectral_noise_levels(scipy.fft.rfft2(whitened, workers=-1), whitened.shape[1])
+
+
+def spectral_noise_levels(spectra: np.ndarray, box: int) -> np.ndarray:
+    """(n,) float64: the noise standard deviation of whitened ``box`` px images from their ``scipy.fft.rfft2``
+    spectra (n, box, box // 2 + 1): the median power of the frequencies in NOISE_BAND (the median of an
+    exponential variable is ln 2 times its mean)."""
     ky = scipy.fft.fftfreq(box)[:, None]
     kx = scipy.fft.rfftfreq(box)[None, :]
     radius = np.hypot(kx, ky)
     band = (radius >= NOISE_BAND[0]) & (radius <= NOISE_BAND[1])
-    power = np.abs(scipy.fft.rfft2(whitened, workers=-1)[:, band]) ** 2 / box**2
+    power = np.abs(spectra[:, band]) ** 2 / box**2
     return np.sqrt(np.median(power, axis=1) / np.log(2.0))
 
 

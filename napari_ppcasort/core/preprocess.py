@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
+from .noise import spectral_noise_levels
+
 
 class BadImageError(ValueError):
     """An image cannot be processed (NaN or infinite pixels, constant background).
@@ -259,21 +261,23 @@ class Preprocessor:
             BadImageError: an image with NaN/infinite pixels or a constant background.
         """
         images = self.normalized(images)
+        if self.noise_spectrum is None and self.ctf is None:
+            return images
+        if self.ctf is not None and indices is None:
+            raise ValueError("phase flipping needs the particles' indices")
+        # whitening, the phase flip and the noise level are all read in Fourier space: one transform there and back
+        box = self.output_box
+        spectra = scipy.fft.rfft2(images, workers=-1)
         if self.noise_spectrum is not None:
-            images = self.noise_spectrum.whiten(images)
+            spectra *= self.noise_spectrum.whitening_filter()
         if self.ctf is not None:
-            if indices is None:
-                raise ValueError("phase flipping needs the particles' indices")
-            from .ctf import phase_flip
-
-            images = phase_flip(images, self.ctf.signs(indices, self.output_box, self.output_pixel_size))
-        if self.noise_normalize:
-            from .noise import noise_levels
-
-            levels = noise_levels(images)
+            spectra *= self.ctf.signs(indices, box, self.output_pixel_size)
+        levels = spectral_noise_levels(spectra, box) if self.noise_normalize else None
+        images = scipy.fft.irfft2(spectra, s=(box, box), workers=-1).astype(np.float32, copy=False)
+        if levels is not None:
             usable = np.isfinite(levels) & (levels > 0)
             if not usable.all():
                 raise BadImageError(int(np.argmin(usable)), "has no noise at high spatial frequencies, so its noise "
                                                             "level cannot be measured", constant_background=True)
-            images = images / levels.astype(np.float32)[:, None, None]
+            images /= levels.astype(np.float32)[:, None, None]
         return images
