@@ -250,15 +250,10 @@ class ContaminationMixture(SteerableMixturePPCA):
         return zero, blocks
 
     # ------------------------------------------------------------------ initialisation
-    def initialize(self, data) -> "ContaminationMixture":
-        """Start from a sample split by energy: the weakest fifth as noise, the strongest fifth as background
+    def _initialize_from_sample(self, sample: np.ndarray, rng: np.random.Generator) -> None:
+        """Start from the sample split by energy: the weakest fifth as noise, the strongest fifth as background
         (split among the J components at random), the rest as particles in M k-means clusters of
         rotation-invariant features."""
-        self._check_parameters()
-        data = self._chunked(data, fitting=True)
-        rng = np.random.default_rng(self.random_state)
-        rows = np.sort(rng.choice(data.n_rows, size=min(data.n_rows, self.init_sample_size), replace=False))
-        sample = data.take(rows)
         energy = np.einsum("ij,ij->i", sample, sample)
         low, high = np.quantile(energy, [0.2, 0.8]) if self.n_background else (np.quantile(energy, 0.2), np.inf)
         kinds = self._kinds
@@ -280,31 +275,23 @@ class ContaminationMixture(SteerableMixturePPCA):
         responsibilities[:, outliers] = 0.02  # the twins start small: they take what the classes cannot explain
         responsibilities /= responsibilities.sum(axis=1, keepdims=True)
         self._m_step(self._statistics(sample, responsibilities), responsibilities.sum(axis=0))
-        self.log_likelihood_ = []
-        self.n_iter_ = 0
-        self.n_reseeded_ = 0
-        self.converged_ = False
-        return self
 
     # ------------------------------------------------------------------ EM
     def _statistics(self, rows: np.ndarray, responsibilities: np.ndarray, moments=None) -> _Statistics:
-        """Block statistics of the particle and background components (in that order) of a chunk."""
+        """Block statistics of the particle and background components (in that order) of a chunk; ``moments``
+        (c, M) x 2, the posterior E[a] and E[a^2] of each image's amplitude in each particle class (None:
+        amplitude 1)."""
         statistics = _Statistics(self.layout, self._statistics_columns.size)
-        self._add(statistics, rows, responsibilities, moments)
-        return statistics
-
-    def _add(self, statistics: _Statistics, rows: np.ndarray, responsibilities: np.ndarray, moments=None) -> None:
-        """Add a chunk to the statistics; ``moments`` (c, M) x 2, the posterior E[a] and E[a^2] of each image's
-        amplitude in each particle class (None: amplitude 1)."""
         weights = responsibilities[:, self._statistics_columns]
         if moments is None:
             statistics.add(rows, weights)
-            return
+            return statistics
         m = self.n_components
         mean_weights, total_weights = weights.copy(), weights.copy()
         mean_weights[:, :m] *= moments[0]
         total_weights[:, :m] *= moments[1]
         statistics.add(rows, weights, mean_weights, total_weights)
+        return statistics
 
     @property
     def _statistics_columns(self) -> np.ndarray:
@@ -340,7 +327,7 @@ class ContaminationMixture(SteerableMixturePPCA):
         m = self.n_components
         healthy = totals[:m] >= self.n_dims + 1
         if healthy.any():
-            self._maximize_classes(_subset(statistics, np.arange(m)), totals[:m], healthy)
+            self._maximize_classes(statistics.components(np.arange(m)), totals[:m], healthy)
         self.component_weights_ = np.maximum(totals, 1e-300) / max(totals.sum(), 1e-300)
         self.weights_ = self.component_weights_[:m] / self.component_weights_[:m].sum()
         sigma2 = float(np.average(self.noise_variance_, weights=self.weights_))
@@ -469,18 +456,6 @@ class ContaminationMixture(SteerableMixturePPCA):
             noise_variance=self.noise_variance_.copy(), axes=self.axes_.copy(), variances=self.variances_.copy(),
             component_kinds=self.component_kinds_, component_weights=self.component_weights_.copy(),
             background_spectra=self.background_spectra_.copy(), outlier_inflation=float(self.outlier_inflation or 1.0))
-
-
-def _subset(statistics: _Statistics, indices: np.ndarray) -> _Statistics:
-    """The statistics of some of the components (a view with the same attributes)."""
-    part = _Statistics.__new__(_Statistics)
-    part.layout = statistics.layout
-    part.totals = statistics.totals[indices]
-    part.zero_sums = statistics.zero_sums[indices]
-    part.zero_moments = statistics.zero_moments[indices]
-    part.energies = statistics.energies[indices]
-    part.group_moments = [moments[indices] for moments in statistics.group_moments]
-    return part
 
 
 @dataclass(frozen=True)

@@ -192,13 +192,19 @@ class MixtureEM:
         """Raise ValueError if data of ``n_features`` columns cannot be fitted (or scored) by this model."""
         raise NotImplementedError
 
+    def _initialize_from_sample(self, sample: np.ndarray, rng: np.random.Generator) -> None:
+        """Set the parameters from a random sample (n, L) of the data: k-means clusters, then a fit per cluster."""
+        labels = kmeans_labels(self._clustering_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
+        self._set_from_clusters(sample, labels, rng)
+
     def _clustering_features(self, sample: np.ndarray) -> np.ndarray:
         """The features k-means groups the initial sample (n, L) by; the coefficients themselves by default."""
         return sample
 
     # ------------------------------------------------------------------ EM driver and scores
     def initialize(self, data) -> "MixtureEM":
-        """Set the parameters from k-means++ seeding and Lloyd iterations on a random sample, then a fit per cluster.
+        """Set the parameters from a random sample (:meth:`_initialize_from_sample`; by default k-means++ seeding
+        and Lloyd iterations, then a fit per cluster).
 
         Runs on a random sample of at most ``init_sample_size`` rows of ``data`` (N, L), so its cost does not
         grow with N. Checks the data for NaN and infinite values (``step`` does not again).
@@ -207,9 +213,7 @@ class MixtureEM:
         data = self._chunked(data, fitting=True)
         rng = np.random.default_rng(self.random_state)
         rows = np.sort(rng.choice(data.n_rows, size=min(data.n_rows, self.init_sample_size), replace=False))
-        sample = data.take(rows)
-        labels = kmeans_labels(self._clustering_features(sample), self.n_components, rng, min_size=self.n_dims + 2)
-        self._set_from_clusters(sample, labels, rng)
+        self._initialize_from_sample(data.take(rows), rng)
         self.log_likelihood_ = []
         self.n_iter_ = 0
         self.n_reseeded_ = 0

@@ -172,13 +172,24 @@ class _Statistics:
             np.zeros((n_components, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups
         ]
 
+    _ARRAYS = ("totals", "zero_sums", "zero_moments", "energies")
+
     def __add__(self, other: "_Statistics") -> "_Statistics":
-        total = _Statistics.__new__(_Statistics)
-        total.layout = self.layout
-        for name in ("totals", "zero_sums", "zero_moments", "energies"):
-            setattr(total, name, getattr(self, name) + getattr(other, name))
-        total.group_moments = [mine + theirs for mine, theirs in zip(self.group_moments, other.group_moments)]
-        return total
+        return self._derived(lambda name, mine: mine + getattr(other, name),
+                             [mine + theirs for mine, theirs in zip(self.group_moments, other.group_moments)])
+
+    def components(self, indices) -> "_Statistics":
+        """The statistics of the components ``indices`` only."""
+        return self._derived(lambda name, mine: mine[indices], [moments[indices] for moments in self.group_moments])
+
+    def _derived(self, array, group_moments: list) -> "_Statistics":
+        """Statistics with ``array(name, this one's array)`` for each array and the given ``group_moments``."""
+        derived = _Statistics.__new__(_Statistics)
+        derived.layout = self.layout
+        for name in self._ARRAYS:
+            setattr(derived, name, array(name, getattr(self, name)))
+        derived.group_moments = group_moments
+        return derived
 
     def add(self, rows: np.ndarray, weights: np.ndarray, mean_weights: np.ndarray | None = None,
             total_weights: np.ndarray | None = None) -> None:
