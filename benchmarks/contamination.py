@@ -34,8 +34,10 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+import scipy.stats
 
 from napari_ppcasort import SortSettings, open_particles, sort_particles
+from napari_ppcasort.core.models import junk_probability
 from napari_ppcasort.core.micrograph import simulate_picked_stack, voxel_size_for_diameter
 from napari_ppcasort.core.simulate import LABEL_NAMES, PARTICLE, write_simulated
 
@@ -52,19 +54,9 @@ JUNK_FRACTIONS = (0.3, 0.5)
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """ROC AUC: the probability that a random positive scores above a random negative (ties count half)."""
-    scores = np.concatenate([positive, negative])
-    ranks = _average_ranks(scores)
+    ranks = scipy.stats.rankdata(np.concatenate([positive, negative]))
     n_pos, n_neg = len(positive), len(negative)
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    unique, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, ranks)
-    return (sums / counts)[inverse]
 
 
 def roc_curve(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +111,8 @@ def evaluate(stack, folder: Path, methods: dict) -> dict[str, dict]:
             row["auc"] = auc(scores[is_junk], scores[~is_junk])
             for code in np.unique(labels[is_junk]):
                 row[LABEL_NAMES[int(code)]] = auc(scores[labels == code], scores[~is_junk])
-        if MODELS_WITH_PROBABILITY.get(result.settings.model):
-            probability = 1.0 / (1.0 + np.exp(-np.clip(scores, -50, 50)))
+        probability = junk_probability(result.settings, scores)
+        if probability is not None:
             row["estimated_junk"] = float(probability.mean())
             row["probability"] = probability
             if is_junk.any() and (~is_junk).any():
@@ -130,13 +122,6 @@ def evaluate(stack, folder: Path, methods: dict) -> dict[str, dict]:
     return rows
 
 
-def _models_with_probability() -> dict[str, bool]:
-    from napari_ppcasort.core.models import MODELS
-
-    return {name: spec.score_cut is not None for name, spec in MODELS.items()}
-
-
-MODELS_WITH_PROBABILITY = _models_with_probability()
 JUNK_COLUMNS = ("off_centre", "aggregate", "ice", "carbon", "empty")
 
 
