@@ -179,9 +179,10 @@ class SortSettings:
         6, minimum=1, label="EM iterations per round", help="P, EM iterations between prunings")
     stop: str = setting(
         "junk-left", choices=("junk-left", "schedule"), label="stop",
-        help="when pruning stops: 'junk-left' (the default) prunes while the model finds junk (images whose junk "
-             "probability is above 1/2 with the contamination model, robust outliers of each round's scores "
-             "(outlier_threshold) with the others), at most alpha of the rest per round; 'schedule' removes alpha of "
+        help="when pruning stops: 'junk-left' (the default) prunes while the model finds junk (with the "
+             "contamination model images whose junk probability is above 0.99, and once none is left those above 1/2; "
+             "with the others robust outliers of each round's scores, see outlier_threshold), at most alpha of the "
+             "rest per round; 'schedule' removes alpha of "
              "the rest every round, the paper's fixed budget, for n_rounds rounds or down to target_kept_fraction")
     n_rounds: int | None = setting(
         None, minimum=1, label="rounds", none_means="no limit (stop 'junk-left'); until target_kept_fraction "
