@@ -216,7 +216,8 @@ class ClassView(QWidget):
                 self._grid.addWidget(tile, m, 1 + j, Qt.AlignmentFlag.AlignTop)
                 tiles.append(tile)
             info = QLabel()
-            info.setToolTip("kind (a particle class, or a junk component: noise, background), members (the "
+            info.setToolTip("kind (a particle class; a junk class: a particle class whose mean carries no particle; or a "
+                            "junk component: outlier, noise, background), members (the "
                             "particles it explains best), mixing weight, mean junk score and members kept")
             self._grid.addWidget(info, m, 1 + n_components)
             decision = ClassDecision(m)

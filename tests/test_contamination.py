@@ -6,7 +6,8 @@ from scipy.stats import multivariate_normal
 
 from napari_ppcasort import SortSettings, open_particles, sort_particles
 from napari_ppcasort.core.bases import PSWFBasis
-from napari_ppcasort.core.contamination import BackgroundBands, ContaminationMixture, _Gaussian
+from napari_ppcasort.core.classes import JUNK_CLASS, component_kinds
+from napari_ppcasort.core.contamination import BackgroundBands, ContaminationMixture, _Gaussian, empty_classes
 from napari_ppcasort.core.micrograph import simulate_picked_stack
 from napari_ppcasort.core.simulate import LABEL_NAMES, PARTICLE, write_simulated
 from napari_ppcasort.core.steerable import SteerableLayout
@@ -80,6 +81,45 @@ def test_particle_class_density_with_amplitudes_matches_the_gaussian_mixture(sma
     # the columns are the components, in the order of component_kinds_
     assert log_dens.shape[1] == len(model.component_kinds_)
     assert model.component_kinds_.count("particle") == 2 and "noise" in model.component_kinds_
+
+
+def test_a_class_whose_mean_carries_no_particle_is_junk():
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((4, 30))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    # three classes of comparable mean energy and one near 0 (empty or off-centre boxes)
+    means = directions * np.sqrt([[20.0], [30.0], [25.0], [0.5]])
+    assert empty_classes(means, np.array([100.0, 100.0, 100.0, 100.0])).tolist() == [False, False, False, True]
+    # a class of strong junk (a hundred times the energy) does not make the true classes look empty
+    strong = directions * np.sqrt([[20.0], [30.0], [2500.0], [0.5]])
+    assert empty_classes(strong, np.array([100.0, 100.0, 30.0, 60.0])).tolist() == [False, False, False, True]
+    # the reference is the size-weighted median: when the near-empty class is most of the images, nothing is
+    # called empty (the rule cannot turn the bulk of the particles into junk)
+    assert not empty_classes(means, np.array([10.0, 10.0, 10.0, 500.0])).any()
+    # comparable classes are all kept
+    assert not empty_classes(directions * np.sqrt([[4.0], [3.0], [5.0], [2.0]]), np.ones(4)).any()
+
+
+def test_a_junk_class_and_its_twin_count_as_junk(small_basis):
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((400, small_basis.n_coefficients))
+    model = ContaminationMixture(small_basis, n_components=2, n_dims=4).initialize(data)
+    model.step(data)
+    model.junk_classes_ = np.array([False, True])
+    kinds = np.array(model.component_kinds_)
+    junk = model.junk_columns
+    assert set(kinds[junk]) == {"particle", "outlier", "noise", "background"}
+    assert np.flatnonzero(kinds == "particle")[1] in junk and np.flatnonzero(kinds == "particle")[0] not in junk
+    assert np.flatnonzero(kinds == "outlier")[1] in junk
+    # the junk log-odds count the class's share as junk
+    log_dens = model.log_densities(data)
+    particle = np.setdiff1d(np.arange(kinds.size), junk)
+    expected = np.logaddexp.reduce(log_dens[:, junk], axis=1) - np.logaddexp.reduce(log_dens[:, particle], axis=1)
+    np.testing.assert_allclose(model.junk_log_odds(data), expected)
+    parameters = model.parameters()
+    assert parameters.junk_classes == (1,)
+    assert parameters.junk_fraction == pytest.approx(float(model.component_weights_[junk].sum()))
+    assert component_kinds(parameters, kinds.size)[np.flatnonzero(kinds == "particle")[1]] == JUNK_CLASS
 
 
 def _auc(positive, negative):

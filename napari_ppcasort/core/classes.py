@@ -26,6 +26,8 @@ __all__ = ["ClassViews", "class_views", "aligned_average", "component_kinds", "P
 
 #: The kind of a component when the model does not say (every component of today's models is a particle class).
 PARTICLE = "particle"
+#: The kind shown for a particle class whose mean carries no particle (core/contamination.py).
+JUNK_CLASS = "junk class"
 #: Angles tried in the in-plane alignment (1 degree apart).
 N_ANGLES = 360
 #: Alignment rounds: to the best-scoring member, then to the average of the previous round.
@@ -41,7 +43,9 @@ class ClassViews:
     Attributes:
         assignment: (N,) int, the component each particle belongs to most (largest responsibility).
         kinds: (M,) str, what each component models: "particle" (a particle class), "outlier" (images far off a
-            particle class), "noise" (empty boxes) or "background" (unstructured junk such as ice and carbon), from the model's ``component_kinds`` (all "particle" without it).
+            particle class), "junk class" (a particle class whose mean carries no particle, so scored as junk), "noise"
+            (empty boxes) or "background" (unstructured junk such as ice and carbon), from the model's
+            ``component_kinds`` and ``junk_classes`` (all "particle" without them).
         counts: (M,) int, members of each component.
         weights: (M,) float, the mixing weights (each component's share of the images).
         mean_scores: (M,) float, the mean final junk score of each component's members (NaN without members).
@@ -72,10 +76,13 @@ def component_kinds(parameters, n_components: int) -> tuple[str, ...]:
     kinds = getattr(parameters, "component_kinds", None)
     if kinds is None:
         return (PARTICLE,) * n_components
-    kinds = tuple(str(kind) for kind in kinds)
+    kinds = [str(kind) for kind in kinds]
     if len(kinds) != n_components:
         raise ValueError(f"component_kinds has {len(kinds)} entries for {n_components} components")
-    return kinds
+    particle_columns = [column for column, kind in enumerate(kinds) if kind == PARTICLE]
+    for m in getattr(parameters, "junk_classes", ()):  # a particle class found to hold junk
+        kinds[particle_columns[m]] = JUNK_CLASS
+    return tuple(kinds)
 
 
 def class_views(model, parameters, basis, coefficients: np.ndarray, scores: np.ndarray) -> ClassViews:

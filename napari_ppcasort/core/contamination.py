@@ -51,6 +51,11 @@ __all__ = ["COMPONENT_KINDS", "ContaminationMixture", "ContaminationParameters",
 COMPONENT_KINDS = ("particle", "outlier", "noise", "background")
 #: Kinds that are junk.
 JUNK_KINDS = ("outlier", "noise", "background")
+#: A particle class whose mean (its rotational average) carries less than this fraction of the energy of a
+#: typical class's mean (the median over the classes, weighted by their sizes) is a class of junk: every view of
+#: a particle carries the particle's mass in the same circle, so the rotational averages of true classes carry
+#: comparable energy, while a class of empty or off-centre boxes has a mean near 0.
+MIN_MEAN_ENERGY_FRACTION = 0.25
 #: Spatial-frequency bands of the background spectra.
 N_BANDS = 10
 _LOG_PI = np.log(np.pi)
@@ -64,6 +69,8 @@ class ContaminationParameters(SteerableParameters):
     M particle classes, with ``weights`` their shares among the particles. Besides:
 
     component_kinds: (C,) the kind of every component, in the order of ``predict_proba``'s columns.
+    junk_classes: the particle classes (and so their outlier twins) found to hold junk (a mean without energy,
+        see MIN_MEAN_ENERGY_FRACTION).
     component_weights: (C,) the mixing weight of every component (summing to 1): the share of the images it
         explains; ``component_weights[component_kinds != 'particle'].sum()`` is the estimated junk fraction.
     background_spectra: (J, n_bands) the background components' band powers theta.
@@ -71,6 +78,7 @@ class ContaminationParameters(SteerableParameters):
     """
 
     component_kinds: tuple = ()
+    junk_classes: tuple = ()
     component_weights: np.ndarray = None
     background_spectra: np.ndarray = None
     outlier_inflation: float = 1.0
@@ -87,10 +95,15 @@ class ContaminationParameters(SteerableParameters):
         return means
 
     @property
+    def junk_components(self) -> np.ndarray:
+        """(C,) bool, the components that model junk: the junk kinds and the junk classes with their twins."""
+        kinds = np.array(self.component_kinds)
+        return _junk_components(kinds, self.junk_classes)
+
+    @property
     def junk_fraction(self) -> float:
         """The estimated fraction of junk among the images the model was fitted on."""
-        kinds = np.array(self.component_kinds)
-        return float(self.component_weights[kinds != "particle"].sum())
+        return float(self.component_weights[self.junk_components].sum())
 
 
 class BackgroundBands:
@@ -239,8 +252,9 @@ class ContaminationMixture(SteerableMixturePPCA):
 
     @property
     def junk_columns(self) -> np.ndarray:
-        """Columns of ``log_densities``/``predict_proba`` that are junk."""
-        return np.flatnonzero(np.isin(self._kinds, JUNK_KINDS))
+        """Columns of ``log_densities``/``predict_proba`` that are junk: the junk kinds, and the particle classes
+        whose mean carries no particle (``junk_classes_``) with their outlier twins."""
+        return np.flatnonzero(_junk_components(self._kinds, tuple(np.flatnonzero(self.junk_classes_))))
 
     def _split(self, rows: np.ndarray) -> tuple[np.ndarray, list]:
         """A float64 chunk (c, L) as its N = 0 part (c, n_0) and complex blocks per size group [(g, c, s)]."""
@@ -328,6 +342,7 @@ class ContaminationMixture(SteerableMixturePPCA):
         healthy = totals[:m] >= self.n_dims + 1
         if healthy.any():
             self._maximize_classes(statistics.components(np.arange(m)), totals[:m], healthy)
+        self.junk_classes_ = empty_classes(self.means_, totals[:m])
         self.component_weights_ = np.maximum(totals, 1e-300) / max(totals.sum(), 1e-300)
         self.weights_ = self.component_weights_[:m] / self.component_weights_[:m].sum()
         sigma2 = float(np.average(self.noise_variance_, weights=self.weights_))
@@ -454,8 +469,37 @@ class ContaminationMixture(SteerableMixturePPCA):
         return ContaminationParameters(
             means=self.means_.copy(), components=self.components_, weights=self.weights_.copy(),
             noise_variance=self.noise_variance_.copy(), axes=self.axes_.copy(), variances=self.variances_.copy(),
-            component_kinds=self.component_kinds_, component_weights=self.component_weights_.copy(),
+            component_kinds=self.component_kinds_, junk_classes=tuple(int(m) for m in np.flatnonzero(self.junk_classes_)),
+            component_weights=self.component_weights_.copy(),
             background_spectra=self.background_spectra_.copy(), outlier_inflation=float(self.outlier_inflation or 1.0))
+
+
+def empty_classes(means: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(M,) bool, the particle classes whose mean carries no particle: mean energy ``|mu_m|^2`` below
+    MIN_MEAN_ENERGY_FRACTION of the size-weighted median over the classes.
+
+    means: (M, L) the classes' means; sizes: (M,) their summed responsibilities. The median (not the largest
+    class, which may be a class of strong junk) is the reference, so one junk class of either kind cannot make
+    the true classes look empty.
+    """
+    energy = np.einsum("ml,ml->m", means, means)
+    order = np.argsort(energy)
+    cumulative = np.cumsum(np.maximum(sizes[order], 0.0))
+    if cumulative[-1] <= 0:
+        return np.zeros(energy.size, dtype=bool)
+    typical = energy[order[np.searchsorted(cumulative, 0.5 * cumulative[-1])]]
+    return energy < MIN_MEAN_ENERGY_FRACTION * typical
+
+
+def _junk_components(kinds: np.ndarray, junk_classes) -> np.ndarray:
+    """(C,) bool: components of a junk kind, and the junk classes (indices among the particle classes) with their
+    outlier twins (the twins follow the classes in the same order)."""
+    junk = np.isin(kinds, JUNK_KINDS)
+    for kind in ("particle", "outlier"):
+        columns = np.flatnonzero(kinds == kind)
+        if columns.size:
+            junk[columns[list(junk_classes)]] = True
+    return junk
 
 
 @dataclass(frozen=True)
