@@ -27,6 +27,7 @@ core/pipeline.py); report on others.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import tempfile
 import time
@@ -200,10 +201,21 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--simulator", default="micrographs", choices=["micrographs", "boxes"])
     parser.add_argument("--figure", type=Path, help="PNG of per-class ROC curves and the calibration curve")
+    parser.add_argument("--save-results", type=Path, metavar="PICKLE",
+                        help="also write the results (scores and labels of every stack) to this pickle, so that runs "
+                             "made side by side (e.g. one per --volumes) can be drawn as one figure")
+    parser.add_argument("--figure-from", type=Path, nargs="+", metavar="PICKLE",
+                        help="draw --figure from the results saved by earlier runs (--save-results), without sorting")
     args = parser.parse_args(argv)
     n_picks = 4000 if args.quick else args.n_picks
     snrs = (1 / 20,) if args.quick else SNRS
     settings = [(snr, junk) for snr in snrs for junk in JUNK_FRACTIONS] + [(1 / 20, 0.0)]
+    if args.figure_from:
+        if not args.figure:
+            parser.error("--figure-from needs --figure")
+        results = [row for path in args.figure_from for row in pickle.loads(path.read_bytes())]
+        draw_figure([r for r in results if "default" in r[1]], args.figure)
+        return 0
     methods = {name: METHODS[name] for name in args.methods}
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     results = []
@@ -219,6 +231,8 @@ def main(argv=None) -> int:
                     results.append((name, evaluate(stack, Path(tmp) / "stack", methods)))
                     print_table(results[-1:], header=False, stream=sys.stderr)  # progress, the row as it comes
     print_table(results)
+    if args.save_results:
+        args.save_results.write_bytes(pickle.dumps(results))
     if args.figure:
         draw_figure([r for r in results if "default" in r[1]], args.figure)
     return 0
