@@ -1,7 +1,8 @@
 """Particle sets on disk: MRC stacks, RELION STAR and cryoSPARC .cs files in; curated subsets out.
 
 A :class:`ParticleSet` holds the metadata table of a particle set in memory and reads the images lazily
-from memory-mapped MRC stacks, so stacks larger than RAM are never loaded whole. Open one with
+from its MRC stacks (mapped to check them and to know their layout; read with plain reads, see
+:func:`read_rows`), so stacks larger than RAM are never loaded whole and never mapped into memory. Open one with
 :func:`open_particles`; write a subset of it with :func:`write_particles`.
 
 Supported inputs
@@ -186,7 +187,8 @@ class ParticleSet:
     def read(self, indices) -> np.ndarray:
         """Read the images of the given particles.
 
-        Only the requested images are read from the memory-mapped stacks.
+        Only the requested images are read, with one plain read per run of consecutive images of a stack
+        (:func:`read_rows`): the memory used is the result, whatever the size of the stacks.
 
         Args:
             indices: particle indices (0-based rows of :attr:`table`), any order, repeats allowed.
@@ -211,8 +213,7 @@ class ParticleSet:
             unique_slices, inverse = np.unique(slices[positions], return_inverse=True)
             with self._lock:
                 stack_images = self._stack_data(stack)
-                block = np.asarray(stack_images[unique_slices], dtype=np.float32)
-                release_mapped_pages(stack_images)
+            block = read_rows(stack_images, unique_slices).astype(np.float32, copy=False)
             # A float64 sum of float32 pixels cannot overflow, so it is finite exactly when every pixel is.
             finite = np.isfinite(block.sum(axis=(1, 2), dtype=np.float64))
             if not finite.all():
@@ -593,6 +594,65 @@ def index_chunks(indices: np.ndarray, box_size: int, chunk_size: int | None = No
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     for start in range(0, indices.size, chunk_size):
         yield indices[start:start + chunk_size]
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` as a new array, for an (n, ...) array and ascending, unique ``rows`` ((k,) int).
+
+    When ``array`` is a C-contiguous, file-backed ``np.memmap`` that starts where its mapping starts (an MRC
+    stack's data as mrcfile maps it), each run of consecutive rows is read with one ``os.preadv`` into the result:
+    the file's pages go through the kernel's page cache only and are never mapped into this process. Reading
+    through the map instead would fault in the kernel's read-around window (``read_ahead_kb``, 8 MB here) for
+    every scattered row: 2,000 random rows of a 3 GB stack mapped 2.1 GB. Anything else is indexed as usual
+    (and a memory map's pages are released again, see :func:`release_mapped_pages`).
+
+    Returns a (k, ...) array of ``array``'s dtype (byte order included).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    source = _file_of(array)
+    if source is None:
+        block = np.asarray(array[rows])
+        release_mapped_pages(array)
+        return block
+    path, offset = source
+    out = np.empty((rows.size, *array.shape[1:]), dtype=array.dtype)
+    if rows.size == 0:
+        return out
+    row_bytes = out[0].nbytes
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [rows.size]])
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            view = memoryview(out[start:end].reshape(-1).view(np.uint8))
+            position = offset + int(rows[start]) * row_bytes
+            while view.nbytes:
+                n_read = os.preadv(descriptor, [view], position)
+                if n_read <= 0:
+                    raise OSError(f"{path}: unexpected end of file at byte {position}")
+                view, position = view[n_read:], position + n_read
+    finally:
+        os.close(descriptor)
+    return out
+
+
+def _file_of(array) -> tuple[str, int] | None:
+    """(path, byte offset of ``array[0]``) for a C-contiguous ``np.memmap`` whose data start at its ``offset`` in its
+    file (not a view into the middle of one), else None."""
+    if not isinstance(array, np.memmap) or not hasattr(os, "preadv") or array.ndim < 1 or not array.flags.c_contiguous:
+        return None
+    mapping, filename, offset = getattr(array, "_mmap", None), getattr(array, "filename", None), getattr(array, "offset", None)
+    if mapping is None or filename is None or offset is None:
+        return None
+    # the mapping starts at the allocation granularity below ``offset`` (see np.memmap); the array must start at
+    # ``offset`` itself, i.e. (offset mod granularity) bytes into the mapping
+    try:
+        base = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+    except (TypeError, ValueError):
+        return None
+    if array.ctypes.data - base != offset % mmap.ALLOCATIONGRANULARITY:
+        return None
+    return filename, int(offset)
 
 
 def release_mapped_pages(array) -> None:
