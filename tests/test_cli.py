@@ -359,3 +359,32 @@ def test_help_lists_every_setting_with_its_default_and_version():
         assert re.search(re.escape(option) + r"[^\[]*\[default: " + re.escape(shown) + r"\]", text), field.name
     version = run("--version")
     assert version.stdout.strip() == f"ppcasort {__version__}"
+
+
+_IMPORTED_BY_HELP = """
+import contextlib, io, sys
+from napari_ppcasort.cli import main
+
+HEAVY = ("napari", "qtpy", "PyQt5", "PyQt6", "matplotlib", "dask", "distributed", "pandas", "scipy.stats",
+         "napari_ppcasort.core.models", "napari_ppcasort.core.run")
+
+def imported():
+    return sorted(name for name in HEAVY if name in sys.modules)
+
+print(imported())
+for argv in (["--help"], ["sort", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):
+        main(argv)
+    assert "usage: ppcasort" in shown.getvalue()
+    print(imported())
+"""
+
+
+def test_the_command_line_imports_no_gui_dask_or_engine_until_a_command_needs_it():
+    """Importing the CLI imports neither napari, Qt, matplotlib nor Dask (nor pandas, scipy.stats or the models);
+    ``ppcasort --help`` does not either; ``ppcasort sort --help`` needs the settings' models, not the rest."""
+    result = subprocess.run([sys.executable, "-c", _IMPORTED_BY_HELP], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    on_import, on_help, on_sort_help = result.stdout.splitlines()
+    assert on_import == on_help == "[]"
+    assert on_sort_help == "['napari_ppcasort.core.models']"

@@ -48,8 +48,6 @@ from typing import Callable
 
 import mrcfile
 import numpy as np
-import pandas as pd
-import starfile
 
 from .errors import InputError
 from .outputs import atomic_files, write_error, write_mrc_stack
@@ -343,6 +341,8 @@ class ArrayParticleSet(ParticleSet):
 
     def __init__(self, images, name: str = "array", columns: dict[str, np.ndarray] | None = None,
                  pixel_size: float | None = None):
+        import pandas as pd
+
         shape = tuple(getattr(images, "shape", np.shape(images)))
         if len(shape) != 3 or shape[1] != shape[2] or shape[0] == 0:
             raise ValueError(f"{name}: expected a non-empty stack of square images (n, box, box), got shape {shape}")
@@ -398,6 +398,8 @@ def open_particles(path) -> ParticleSet:
 
 
 def _open_stack(path: Path) -> ParticleSet:
+    import pandas as pd
+
     mrc, images = _map_stack(path)
     n_images = images.shape[0]
     mrc.close()
@@ -408,6 +410,9 @@ def _open_stack(path: Path) -> ParticleSet:
 
 
 def _open_star(path: Path) -> ParticleSet:
+    import pandas as pd
+    import starfile
+
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as error:  # starfile does not document its failure modes
@@ -448,6 +453,8 @@ def _open_star(path: Path) -> ParticleSet:
 
 def _particle_block_name(blocks: dict, path: Path) -> str:
     """Name of the particle block: ``particles``, else the one block with an ``rlnImageName`` column."""
+    import pandas as pd
+
     if "particles" in blocks:
         candidates = ["particles"]
     else:
@@ -468,6 +475,8 @@ def _particle_block_name(blocks: dict, path: Path) -> str:
 def _optics_values(particles: pd.DataFrame, optics: pd.DataFrame | None, label: str,
                    path: Path) -> np.ndarray | None:
     """Per-particle values of an optics-table label, through rlnOpticsGroup; None if there is no such label."""
+    import pandas as pd
+
     if optics is None or label not in optics.columns or len(optics) == 0:
         return None
     if len(optics) == 1:
@@ -516,6 +525,8 @@ def _common_pixel_size(pixel_sizes: np.ndarray, path: Path) -> float:
 
 
 def _open_cs(path: Path) -> ParticleSet:
+    import pandas as pd
+
     with open(path, "rb") as stream:
         if stream.read(len(_CS_COMPRESSED_MAGIC)) == _CS_COMPRESSED_MAGIC:
             raise ParticleFileError(
@@ -555,6 +566,8 @@ def _open_cs(path: Path) -> ParticleSet:
 
 def _records_table(records: np.ndarray) -> pd.DataFrame:
     """Structured records as a DataFrame: one column per scalar field, ``name[k]`` per element of array fields."""
+    import pandas as pd
+
     columns = {}
     for name in records.dtype.names:
         values = records[name]
@@ -917,6 +930,9 @@ def cs_field(label: str) -> str:
 def _write_star(particles: ParticleSet, keep: np.ndarray, extra_columns: dict[str, np.ndarray],
                 stack_name: str, path: Path) -> None:
     """Write the STAR file of the subset ``keep``, its images numbered 1.. in ``stack_name``."""
+    import pandas as pd
+    import starfile
+
     table = particles.table.iloc[keep].reset_index(drop=True)
     if "rlnImageName" in table.columns:
         table["ppcasortSourceImageName"] = table["rlnImageName"]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from .noise import spectral_noise_levels
 
 
 class BadImageError(ValueError):
@@ -272,7 +271,12 @@ class Preprocessor:
             spectra *= self.noise_spectrum.whitening_filter()
         if self.ctf is not None:
             spectra *= self.ctf.signs(indices, box, self.output_pixel_size)
-        levels = spectral_noise_levels(spectra, box) if self.noise_normalize else None
+        if self.noise_normalize:
+            from .noise import spectral_noise_levels  # scipy.stats: imported by the first sort, not by the CLI's start
+
+            levels = spectral_noise_levels(spectra, box)
+        else:
+            levels = None
         images = scipy.fft.irfft2(spectra, s=(box, box), workers=-1).astype(np.float32, copy=False)
         if levels is not None:
             usable = np.isfinite(levels) & (levels > 0)
