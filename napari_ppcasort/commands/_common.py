@@ -72,7 +72,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     """One option per setting of where the sort runs (:class:`ClusterSettings`: ``--dask-workers``, ...)."""
     group = parser.add_argument_group(
         "where to sort", "in this process by default; on Dask with the dask extra (pip install "
-                         "\"napari-ppcasort[dask]\"): the results are the same")
+                         "\"napari-ppcasort[dask]\"); in chunks of any size: the results are the same")
     from ..core.settings import CLUSTER_SETTINGS, ClusterSettings
 
     defaults = ClusterSettings()
@@ -198,14 +198,16 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
 
-def sort_with_progress(particles, settings: SortSettings, progress: Progress, client=None):
-    """Run iter_sort (on the Dask ``client``'s workers if given), showing its events; returns the SortResult."""
+def sort_with_progress(particles, settings: SortSettings, progress: Progress, client=None,
+                       chunk_size: int | None = None):
+    """Run iter_sort (on the Dask ``client``'s workers if given, in chunks of ``chunk_size`` particles), showing its
+    events; returns the SortResult."""
     from ..core.run import SortFinished, iter_sort  # the engine: imported when a command runs, not to parse it
 
     progress.iterations_per_round = settings.iterations_per_round
     if progress.live:
         progress._draw("coefficients", 0, particles.n_particles, "preparing the basis")
-    for event in iter_sort(particles, settings, client=client):
+    for event in iter_sort(particles, settings, client=client, chunk_size=chunk_size):
         if isinstance(event, SortFinished):
             return event.result
         progress.show(event, settings.basis.upper())

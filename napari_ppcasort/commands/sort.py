@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         with open_results_folder(args.output, particles, force=args.force, inputs=[args.settings]) as output:
             # the cluster (or the connection) lasts for the sort; the results are written by this process
             with dask_client(cluster.dask_workers, cluster.dask_scheduler) as client, progress_for(args) as progress:
-                result = sort_with_progress(particles, settings, progress, client=client)
+                result = sort_with_progress(particles, settings, progress, client=client,
+                                            chunk_size=cluster.chunk_size)
             if overrides:  # the particles moved across the cut by hand in the run that wrote the settings file
                 result = replace(result, overrides=overrides)
             written = write_results(output, result, title=str(args.input))
