@@ -27,6 +27,7 @@ import scipy.linalg.blas
 import scipy.special
 
 from .particles import CHUNK_BYTES
+from .tables import cached_tables
 from .preprocess import BadImageError, Preprocessor, as_image_stack, check_radius, default_radius, disk_mask
 
 # 99th percentile of the Tracy-Widom distribution of order 1 (largest eigenvalue of a real Wishart matrix).
@@ -290,6 +291,21 @@ class PSWFBasis(_DiskMatrixBasis):
         if bandlimit is not None and not 0 < bandlimit <= MAX_BANDLIMIT_NYQUIST * nyquist:
             raise ValueError(f"band limit must be positive and at most {MAX_BANDLIMIT_NYQUIST:g} x Nyquist "
                              f"(pi x radius = {nyquist:.4g} for a radius of {self.radius:g} px), got {bandlimit:g}")
+        # the tables depend on these numbers only: built once, then read from the cache (see core.tables)
+        key = {"box_size": self.box_size, "radius": float(self.radius), "truncation": self.truncation,
+               "bandlimit": None if bandlimit is None else float(bandlimit),
+               "max_coefficients": None if max_coefficients is None else int(max_coefficients)}
+        tables = cached_tables("pswf", key, lambda: self._tables(bandlimit, max_coefficients, nyquist))
+        self.bandlimit = float(tables["bandlimit"])
+        self.angular_frequencies = tables["angular_frequencies"]
+        self.radial_indices = tables["radial_indices"]
+        self.is_sine = tables["is_sine"]
+        self.concentrations = tables["concentrations"]
+        self._matrix = tables["matrix"]
+
+    def _tables(self, bandlimit: float | None, max_coefficients: int | None, nyquist: float) -> dict[str, np.ndarray]:
+        """Compute the basis (see the class docstring): its band limit, the (L,) frequencies, radial indices, sine
+        flags and concentrations of its columns, and the (n_pixels, L) float32 matrix."""
         if bandlimit is not None:
             self.bandlimit, prolates = float(bandlimit), _radial_prolates(float(bandlimit), self.truncation)
         elif max_coefficients is None:
@@ -319,7 +335,9 @@ class PSWFBasis(_DiskMatrixBasis):
         self.radial_indices = radial[order].astype(np.int64)
         self.is_sine = sine[order].astype(bool)
         self.concentrations = concentrations[order]
-        self._matrix = self._sample(prolates)
+        return {"bandlimit": np.float64(self.bandlimit), "angular_frequencies": self.angular_frequencies,
+                "radial_indices": self.radial_indices, "is_sine": self.is_sine,
+                "concentrations": self.concentrations, "matrix": self._sample(prolates)}
 
     def _sample(self, prolates: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Sample the selected functions on the disk pixels and orthonormalise them (see class docstring)."""
