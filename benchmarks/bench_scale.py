@@ -16,9 +16,10 @@ configuration, a fresh subprocess sorts it with the default settings but a fixed
 
 With ``--rss`` it instead runs what ``ppcasort sort STACK -o OUT --stop schedule --n-rounds 2`` runs (the sort in
 one process, then the export of the kept and rejected stacks, scores.csv, report.png and parameters.json into a
-fresh folder, removed afterwards) in a fresh subprocess, which samples its own resident set every 0.1 s and
-prints the peak of each phase (preparation: noise sample, radius and basis; expansion; EM and pruning; export)
-and the process's peak (VmHWM) against the size of its (N, L) float32 coefficients.
+fresh folder, removed afterwards) in a fresh subprocess, and prints the peak resident set of each phase
+(preparation: imports done, the noise sample, radius, basis and the first chunk; expansion; EM: the model, its
+initialisation, the EM iterations and the scores; export), read from the kernel's high-water mark, which is reset
+at each phase, and the process's peak against the size of its (N, L) float32 coefficients.
 
 Nothing is asserted: the figures are printed (see docs/scaling.md).
 """
@@ -101,46 +102,32 @@ def measure(stack: Path, config: str) -> dict:
     return out
 
 
-class RssSampler:
-    """Samples this process's resident set (VmRSS) every ``interval`` seconds in a thread; ``peaks`` holds the largest
-    sample of each phase (MiB), the phase being whatever ``phase`` was set to last."""
+class PhasePeaks:
+    """The peak resident set (MiB) of each phase of this process: at each change of phase the kernel's high-water
+    mark (VmHWM) is read, which is the peak since the last change, and reset to the current RSS (writing 5 to
+    /proc/self/clear_refs), so that every phase gets its own exact peak, however short the spike."""
 
-    def __init__(self, interval: float = 0.1):
-        import threading
-
+    def __init__(self):
         self.phase = "start"
         self.peaks: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-
-    @staticmethod
-    def rss_mib() -> float:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("VmRSS not in /proc/self/status")
 
     def enter(self, phase: str) -> None:
-        self.sample()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), _status_mib("VmHWM"))
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
         self.phase = phase
-        self.sample()
 
-    def sample(self) -> None:
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.rss_mib())
+    @property
+    def overall(self) -> float:
+        return max(self.peaks.values())
 
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.sample()
 
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure_rss(stack: Path, folder: Path) -> dict:
@@ -150,24 +137,25 @@ def measure_rss(stack: Path, folder: Path) -> dict:
     from napari_ppcasort import CoefficientsProgress, IterationDone, SortFinished, SortSettings, iter_sort, open_particles
 
     out = {}
-    with RssSampler() as sampler, open_particles(stack) as particles:
+    phases = PhasePeaks()
+    with open_particles(stack) as particles:
         out["n"] = particles.n_particles
         started = time.perf_counter()
-        sampler.enter("preparation")
+        phases.enter("preparation")  # noise sample, radius, basis and the first chunk of the expansion
         for event in iter_sort(particles, SortSettings(**SETTINGS)):
-            if isinstance(event, CoefficientsProgress) and sampler.phase == "preparation":
+            if isinstance(event, CoefficientsProgress) and phases.phase == "preparation":
                 out["preparation_s"] = time.perf_counter() - started
-                sampler.enter("expansion")
-            elif isinstance(event, IterationDone) and sampler.phase == "expansion":
+                phases.enter("expansion")
+            elif isinstance(event, IterationDone) and phases.phase == "expansion":
                 out["expansion_s"] = time.perf_counter() - started - out["preparation_s"]
-                sampler.enter("EM")
+                phases.enter("EM")  # from the end of the first EM iteration: the model, initialisation, EM, scores
             elif isinstance(event, SortFinished):
                 result = event.result
         out["sort_s"] = time.perf_counter() - started
         out["coefficients_mib"] = result.coefficients.nbytes / 2**20
         out["coefficients_dtype"] = str(result.coefficients.dtype)
         out["n_kept"] = result.n_kept
-        sampler.enter("export")
+        phases.enter("export")
         shutil.rmtree(folder, ignore_errors=True)
         try:
             result.export(folder)
@@ -175,8 +163,9 @@ def measure_rss(stack: Path, folder: Path) -> dict:
             out["written_gib"] = sum(path.stat().st_size for path in folder.iterdir()) / 2**30
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    out["phase_peak_rss_mib"] = sampler.peaks
-    out["peak_rss_mib"] = peak_rss_mib()
+        phases.enter("end")
+    out["phase_peak_rss_mib"] = {phase: peak for phase, peak in phases.peaks.items()}
+    out["peak_rss_mib"] = phases.overall
     return out
 
 
@@ -214,7 +203,7 @@ def main() -> None:
               f"{r['export_s']:.0f} s ({r['written_gib']:.2f} GiB written); kept {r['n_kept']:,}")
         print("peak RSS by phase (MiB): " + ", ".join(f"{phase} {peak:.0f}"
                                                      for phase, peak in r["phase_peak_rss_mib"].items()))
-        print(f"peak RSS of the process (VmHWM): {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_mib'] / 1024:.2f} GiB); "
+        print(f"peak RSS of the process: {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_mib'] / 1024:.2f} GiB); "
               f"coefficients {r['coefficients_dtype']} {r['coefficients_mib']:.0f} MiB", flush=True)
         return
     print(f"{'config':>7} {'wall (s)':>8} {'expand (s)':>10} {'EM iter (s)':>11} {'iters':>5} {'kept':>7} "

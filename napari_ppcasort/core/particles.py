@@ -209,9 +209,14 @@ class ParticleSet:
         for positions in np.split(order, group_starts[1:]):
             stack = int(stacks[positions[0]])
             unique_slices, inverse = np.unique(slices[positions], return_inverse=True)
-            with self._lock:
+            with self._lock:  # another thread may close a map the cache lets go: read its file and layout here
                 stack_images = self._stack_data(stack)
-            block = read_rows(stack_images, unique_slices).astype(np.float32, copy=False)
+                source = _file_of(stack_images)
+                if source is None:
+                    block = read_rows(stack_images, unique_slices)
+            if source is not None:
+                block = _pread_rows(*source, stack_images.dtype, stack_images.shape[1:], unique_slices)
+            block = block.astype(np.float32, copy=False)
             # A float64 sum of float32 pixels cannot overflow, so it is finite exactly when every pixel is.
             finite = np.isfinite(block.sum(axis=(1, 2), dtype=np.float64))
             if not finite.all():
@@ -627,8 +632,13 @@ def read_rows(array, rows: np.ndarray) -> np.ndarray:
         block = np.asarray(array[rows])
         release_mapped_pages(array)
         return block
-    path, offset = source
-    out = np.empty((rows.size, *array.shape[1:]), dtype=array.dtype)
+    return _pread_rows(*source, array.dtype, array.shape[1:], rows)
+
+
+def _pread_rows(path: str, offset: int, dtype: np.dtype, row_shape: tuple, rows: np.ndarray) -> np.ndarray:
+    """(k, *row_shape) array of ``dtype``: the rows ``rows`` (ascending, unique) of the C-ordered array of such rows
+    stored from byte ``offset`` of the file ``path``, one ``os.preadv`` per run of consecutive rows."""
+    out = np.empty((rows.size, *row_shape), dtype=dtype)
     if rows.size == 0:
         return out
     row_bytes = out[0].nbytes
