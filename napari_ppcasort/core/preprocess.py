@@ -132,7 +132,9 @@ def normalize_background(images, radius: float) -> np.ndarray:
     if background.sum() < 2:
         raise ValueError(f"radius {radius:g} px leaves fewer than 2 background pixels in a "
                          f"{images.shape[1]} px box; use a smaller radius")
-    pixels = images[:, background]
+    # np.take with the flat indices: much faster than indexing with the boolean mask (which looks for its True
+    # entries again in every call)
+    pixels = np.take(images.reshape(images.shape[0], -1), np.flatnonzero(background.ravel()), axis=1)
     mean = pixels.mean(axis=1, dtype=np.float64)
     std = pixels.std(axis=1, dtype=np.float64)
     usable = np.isfinite(std) & (std > 0)
