@@ -365,8 +365,12 @@ class ArrayParticleSet(ParticleSet):
     def read(self, indices) -> np.ndarray:
         """(len(indices), box, box) float32 images, in the order of ``indices`` (see ParticleSet.read)."""
         indices = self._check_indices(indices)
-        images = np.asarray(self._images[indices], dtype=np.float32)  # integer indexing copies
-        release_mapped_pages(self._images)
+        if isinstance(self._images, np.memmap):  # a file: plain reads of the images asked for (see read_rows)
+            unique, inverse = np.unique(indices, return_inverse=True)
+            images = read_rows(self._images, unique).astype(np.float32, copy=False)
+            images = images if unique.size == indices.size and np.array_equal(unique, indices) else images[inverse]
+        else:
+            images = np.asarray(self._images[indices], dtype=np.float32)  # integer indexing copies
         finite = np.isfinite(images.sum(axis=(1, 2), dtype=np.float64))
         if not finite.all():
             raise ParticleFileError(f"{self.name}: image {int(indices[np.argmin(finite)])} contains NaN or infinite "
@@ -660,9 +664,11 @@ def _pread_rows(path: str, offset: int, dtype: np.dtype, row_shape: tuple, rows:
 
 
 def _file_of(array) -> tuple[str, int] | None:
-    """(path, byte offset of ``array[0]``) for a C-contiguous ``np.memmap`` whose data start at its ``offset`` in its
-    file (not a view into the middle of one), else None."""
-    if not isinstance(array, np.memmap) or not hasattr(os, "preadv") or array.ndim < 1 or not array.flags.c_contiguous:
+    """(path, byte offset of ``array[0]``) for a C-contiguous, shared (not copy-on-write: its edits are not in the
+    file) ``np.memmap`` whose data start at its ``offset`` in its file (not a view into the middle of one), else
+    None."""
+    if not isinstance(array, np.memmap) or not hasattr(os, "preadv") or array.ndim < 1 or not array.flags.c_contiguous \
+            or getattr(array, "mode", None) not in ("r", "r+", "w+", "readonly", "readwrite", "write"):
         return None
     mapping, filename, offset = getattr(array, "_mmap", None), getattr(array, "filename", None), getattr(array, "offset", None)
     if mapping is None or filename is None or offset is None:
@@ -903,7 +909,7 @@ def _write_star_subset(particles: ParticleSet, keep: np.ndarray, files: dict[str
     def chunks():
         for start in range(0, keep.size, chunk_size):
             chunk = keep[start:start + chunk_size]
-            yield particles.read(chunk) if images is None else np.asarray(images[chunk], dtype=np.float32)
+            yield particles.read(chunk) if images is None else read_rows(images, chunk).astype(np.float32, copy=False)
 
     write_mrc_stack(files[".mrcs"], keep.size, box, chunks(), voxel_size=particles.pixel_size)
     if stack_name is None:
