@@ -687,7 +687,8 @@ def test_the_gallery_shows_100000_particles_reading_only_those_on_screen(qtbot):
 # -- on a Dask scheduler --------------------------------------------------------------------------------------------
 
 
-def test_a_sort_on_a_dask_scheduler_shows_its_classes_and_keeps_what_a_sort_here_keeps(qtbot, sample_widget):
+def test_a_sort_on_a_dask_scheduler_shows_its_classes_and_keeps_what_a_sort_here_keeps(qtbot, sample_widget,
+                                                                                      tmp_path):
     import distributed
 
     from napari_ppcasort import sort_particles
@@ -709,6 +710,11 @@ def test_a_sort_on_a_dask_scheduler_shows_its_classes_and_keeps_what_a_sort_here
     np.testing.assert_array_equal(classes.counts, classes_here.counts)
     np.testing.assert_allclose(classes.averages, classes_here.averages, atol=1e-5 * np.abs(classes_here.averages).max())
     assert widget.class_view.decisions[0].isEnabled() and widget.status.text().startswith("Done: kept")
+    # the export needs nothing from the workers (the cluster is gone): the kept set, in the input's format
+    with qtbot.waitSignal(widget.exported, timeout=RUN_TIMEOUT_MS):
+        widget.export(tmp_path)
+    with open_particles(tmp_path / "kept.star") as back:
+        assert back.n_particles == np.count_nonzero(kept)
 
 
 def test_an_unreachable_scheduler_or_no_dask_is_a_message_naming_the_field(qtbot, sample_widget, errors, monkeypatch):
