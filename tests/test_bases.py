@@ -389,3 +389,13 @@ def test_pswf_tables_are_read_back_from_the_disk_cache_and_never_trusted_blindly
         tables._memory.clear()
         np.testing.assert_array_equal(PSWFBasis(32, radius=13.5, max_coefficients=40).matrix, built.matrix)
     assert (tmp_path / "a file").read_text() == ""
+
+
+def test_an_image_has_the_same_coefficients_whatever_chunk_it_is_expanded_in():
+    """Bit for bit: the local expansion's chunks (64 MB of images) and a sort's chunks on Dask differ."""
+    basis = PSWFBasis(24, radius=10.5, max_coefficients=60)
+    images = np.random.default_rng(0).standard_normal((760, 24, 24)).astype(np.float32)
+    whole = basis.expand(images)
+    for size in (150, 37, 2):  # (a chunk of one image is a matrix-vector product, which rounds otherwise)
+        chunked = np.concatenate([basis.expand(images[start:start + size]) for start in range(0, 760, size)])
+        np.testing.assert_array_equal(chunked, whole)

@@ -102,8 +102,14 @@ class _DiskMatrixBasis:
         return self._disk_pixels(images) @ self._fitted_matrix()
 
     def _disk_pixels(self, images: np.ndarray) -> np.ndarray:
-        """(n, n_pixels) the pixels inside the disk of (n, box, box) images, in the order of the basis rows."""
-        return np.take(images.reshape(images.shape[0], -1), self.pixels, axis=1)
+        """(n, n_pixels) the pixels inside the disk of (n, box, box) images, in the order of the basis rows.
+
+        Column-major (as indexing with the boolean mask gives them): OpenBLAS's product of a row-major (n, P) array
+        with the basis rounds the rows of the last, partial tile of n differently, so that the coefficients of an
+        image would depend on how many images its chunk holds; column-major, they do not (a sort on Dask, whose
+        chunks differ from the local expansion's, computes the same coefficients).
+        """
+        return np.asfortranarray(np.take(images.reshape(images.shape[0], -1), self.pixels, axis=1))
 
     def evaluate(self, coefficients) -> np.ndarray:
         """Images from coefficients.
