@@ -12,6 +12,14 @@ configuration, a fresh subprocess sorts it with the default settings but a fixed
 
     python benchmarks/bench_scale.py --n 240000                  # local, 1 and 2 workers
     python benchmarks/bench_scale.py --n 60000 --configs local 2   # some of them
+    python benchmarks/bench_scale.py --rss --n 1000000           # peak memory of a whole sort, export included
+
+With ``--rss`` it instead runs what ``ppcasort sort STACK -o OUT --stop schedule --n-rounds 2`` runs (the sort in
+one process, then the export of the kept and rejected stacks, scores.csv, report.png and parameters.json into a
+fresh folder, removed afterwards) in a fresh subprocess, and prints the peak resident set of each phase
+(preparation: imports done, the noise sample, radius, basis and the first chunk; expansion; EM: the model, its
+initialisation, the EM iterations and the scores; export), read from the kernel's high-water mark, which is reset
+at each phase, and the process's peak against the size of its (N, L) float32 coefficients.
 
 Nothing is asserted: the figures are printed (see docs/scaling.md).
 """
@@ -94,6 +102,73 @@ def measure(stack: Path, config: str) -> dict:
     return out
 
 
+class PhasePeaks:
+    """The peak resident set (MiB) of each phase of this process: at each change of phase the kernel's high-water
+    mark (VmHWM) is read, which is the peak since the last change, and reset to the current RSS (writing 5 to
+    /proc/self/clear_refs), so that every phase gets its own exact peak, however short the spike."""
+
+    def __init__(self):
+        self.phase = "start"
+        self.peaks: dict[str, float] = {}
+
+    def enter(self, phase: str) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), _status_mib("VmHWM"))
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        self.phase = phase
+
+    @property
+    def overall(self) -> float:
+        return max(self.peaks.values())
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_rss(stack: Path, folder: Path) -> dict:
+    """Sort ``stack`` in this process as ``ppcasort sort`` does (SETTINGS), export into ``folder``; peak RSS per phase."""
+    import shutil
+
+    from napari_ppcasort import CoefficientsProgress, IterationDone, SortFinished, SortSettings, iter_sort, open_particles
+
+    out = {}
+    phases = PhasePeaks()
+    with open_particles(stack) as particles:
+        out["n"] = particles.n_particles
+        started = time.perf_counter()
+        phases.enter("preparation")  # noise sample, radius, basis and the first chunk of the expansion
+        for event in iter_sort(particles, SortSettings(**SETTINGS)):
+            if isinstance(event, CoefficientsProgress) and phases.phase == "preparation":
+                out["preparation_s"] = time.perf_counter() - started
+                phases.enter("expansion")
+            elif isinstance(event, IterationDone) and phases.phase == "expansion":
+                out["expansion_s"] = time.perf_counter() - started - out["preparation_s"]
+                phases.enter("EM")  # from the end of the first EM iteration: the model, initialisation, EM, scores
+            elif isinstance(event, SortFinished):
+                result = event.result
+        out["sort_s"] = time.perf_counter() - started
+        out["coefficients_mib"] = result.coefficients.nbytes / 2**20
+        out["coefficients_dtype"] = str(result.coefficients.dtype)
+        out["n_kept"] = result.n_kept
+        phases.enter("export")
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            result.export(folder)
+            out["export_s"] = time.perf_counter() - started - out["sort_s"]
+            out["written_gib"] = sum(path.stat().st_size for path in folder.iterdir()) / 2**30
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        phases.enter("end")
+    out["phase_peak_rss_mib"] = {phase: peak for phase, peak in phases.peaks.items()}
+    out["peak_rss_mib"] = phases.overall
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=240000, help="images in the stack [240000]")
@@ -101,10 +176,16 @@ def main() -> None:
                         help="where the stack is written (once) [/tmp/ppcasort-bench-scale]")
     parser.add_argument("--configs", nargs="+", default=["local", "1", "2"],
                         help="'local' and/or numbers of workers [local 1 2]")
+    parser.add_argument("--rss", action="store_true",
+                        help="measure the peak memory of a whole sort and its export in one process instead")
     parser.add_argument("--one", nargs=2, metavar=("STACK", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss-one", nargs=2, metavar=("STACK", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(Path(args.one[0]), args.one[1])))
+        return
+    if args.rss_one:
+        print(json.dumps(measure_rss(Path(args.rss_one[0]), Path(args.rss_one[1]))))
         return
     args.folder.mkdir(parents=True, exist_ok=True)
     stack = args.folder / f"scale_{args.n}.mrcs"
@@ -113,6 +194,18 @@ def main() -> None:
         write_stack(stack, args.n)
         print(f"wrote {stack} ({stack.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s",
               flush=True)
+    if args.rss:
+        line = subprocess.run([sys.executable, __file__, "--rss-one", str(stack), str(args.folder / "rss-out")],
+                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        r = json.loads(line)
+        print(f"{r['n']:,} images of 64 px ({stack.stat().st_size / 2**30:.2f} GiB): sort {r['sort_s']:.0f} s "
+              f"(preparation {r['preparation_s']:.0f} s, expansion {r['expansion_s']:.0f} s), export "
+              f"{r['export_s']:.0f} s ({r['written_gib']:.2f} GiB written); kept {r['n_kept']:,}")
+        print("peak RSS by phase (MiB): " + ", ".join(f"{phase} {peak:.0f}"
+                                                     for phase, peak in r["phase_peak_rss_mib"].items()))
+        print(f"peak RSS of the process: {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_mib'] / 1024:.2f} GiB); "
+              f"coefficients {r['coefficients_dtype']} {r['coefficients_mib']:.0f} MiB", flush=True)
+        return
     print(f"{'config':>7} {'wall (s)':>8} {'expand (s)':>10} {'EM iter (s)':>11} {'iters':>5} {'kept':>7} "
           f"{'sent/iter (kB)':>14} {'recv/iter (kB)':>14} {'client peak (MiB)':>17} {'worker peaks (MiB)':>18}")
     for config in args.configs:

@@ -51,8 +51,9 @@ class RunController(QObject):
     def running(self) -> bool:
         return self.worker is not None
 
-    def start(self, particles, settings):
-        """Start sorting ``particles`` with ``settings`` (cancelling a running sort); returns the worker."""
+    def start(self, particles, settings, dask_scheduler: str | None = None):
+        """Start sorting ``particles`` with ``settings`` (cancelling a running sort), on the workers of the Dask
+        scheduler at ``dask_scheduler`` if given; returns the worker."""
         self.shutdown()
         self._cancel = threading.Event()
         self.round_shown = threading.Event()
@@ -61,7 +62,7 @@ class RunController(QObject):
         self._run_number += 1
         worker = thread_worker(run_sort, start_thread=False)(particles, settings, self._cancel,
                                                              self.n_components_shown, self.round_shown,
-                                                             with_classes=True)
+                                                             with_classes=True, dask_scheduler=dask_scheduler)
         worker.yielded.connect(_weak_slot(self, "_on_yielded", self._run_number))
         worker.finished.connect(_weak_slot(self, "_on_finished", self._run_number))
         worker.errored.connect(_weak_slot(self, "_on_crash", self._run_number))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, SpinBox
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, LineEdit,
+                              SpinBox)
 from napari.layers import Image
 
 from ._reader import PARTICLE_SUFFIXES, ParticleStack
@@ -24,7 +25,7 @@ from .core.models import MODELS
 from .core.particles import ArrayParticleSet, ParticleFileError, open_particles
 from .core.preprocess import default_radius, disk_mask
 from .core.run import check_sort
-from .core.settings import SETTINGS, SortSettings
+from .core.settings import CLUSTER_SETTINGS, ClusterSettings, SETTINGS, SortSettings
 from .core.sorting import COMBINATIONS
 
 __all__ = ["SettingsForm", "FILE_SOURCE", "STOP_ROUNDS", "STOP_FRACTION", "STOP_AUTOMATIC", "particle_layer"]
@@ -50,7 +51,7 @@ class SettingsForm(Container):
 
     Attributes (controls): source, file, crop, mask_radius, mask_angstrom (what the radius is in A), normalize,
     model, basis, n_coefficients, n_subspaces, total_dimension, alpha, iterations, stop, n_rounds, target,
-    outlier_threshold, noise, combine, center, seed, whiten, ctf_correction.
+    outlier_threshold, noise, combine, center, seed, whiten, ctf_correction, dask_scheduler (where the sort runs).
     """
 
     def __init__(self, viewer):
@@ -105,12 +106,17 @@ class SettingsForm(Container):
         self.center = CheckBox(**_described("center"), value=defaults.center)
         self.seed = SpinBox(**_described("random_state"), min=SETTINGS["random_state"].minimum, max=2**31 - 1,
                             value=defaults.random_state)
+        scheduler = CLUSTER_SETTINGS["dask_scheduler"]
+        self.dask_scheduler = LineEdit(
+            label=scheduler.label, value="",
+            tooltip=f"empty: sort in napari's process. Otherwise {scheduler.help}; the classes, the cut and the "
+                    "export work as for a sort here, and the result is the same up to the summation order")
         super().__init__(widgets=[
             self.source, self.file, self.crop, self.mask_radius, self.mask_angstrom, self.normalize, self.whiten,
             self.ctf_correction, self.model,
             self.basis, self.n_coefficients, self.n_subspaces, self.total_dimension, self.alpha, self.iterations,
             self.stop, self.n_rounds, self.target, self.outlier_threshold, self.noise, self.combine, self.center,
-            self.seed])
+            self.seed, self.dask_scheduler])
 
         self.source.changed.connect(self._on_source_changed)
         self.file.changed.connect(self._on_source_changed)
@@ -284,6 +290,21 @@ class SettingsForm(Container):
             center=bool(self.center.value),
             random_state=int(self.seed.value),
         )
+
+    def scheduler(self) -> str | None:
+        """The Dask scheduler to sort on (None: in this process). ValueError naming the field when Dask is not
+        installed (with how to install it); whether the scheduler answers is known once the run connects."""
+        address = str(self.dask_scheduler.value).strip() or None
+        if address is None:
+            return None
+        try:
+            ClusterSettings(dask_scheduler=address)
+            from .core.distributed import import_distributed
+
+            import_distributed("dask_scheduler")
+        except PPCASortError as error:
+            raise ValueError(error.describe(widget_name)) from None
+        return address
 
     def checked(self):
         """(particles, settings) ready to sort, after every check that needs no computation; ValueError with a

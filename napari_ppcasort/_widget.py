@@ -197,6 +197,7 @@ class SortWidget(QWidget):
         self._watch_window()  # docked by now: closing its window stops the sort
         try:
             particles, settings = self.form.checked()
+            scheduler = self.form.scheduler()
         except (ValueError, PPCASortError) as error:
             message = str(error)
             show_error(message)
@@ -222,7 +223,7 @@ class SortWidget(QWidget):
         self.progress.setFormat("starting")
         self._set_status(f"Sorting {particles.n_particles} images...")
         self.tabs.setCurrentIndex(1)  # the classes form round by round
-        return self.controller.start(particles, settings)
+        return self.controller.start(particles, settings, dask_scheduler=scheduler)
 
     def cancel(self, checked=False) -> None:
         """Ask the running sort to stop; it does before its next EM iteration."""

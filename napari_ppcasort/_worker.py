@@ -13,9 +13,10 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+from .core.distributed import dask_client
 from .core.errors import PPCASortError
 from .core.run import (CoefficientsProgress, IterationDone, RoundDone, SortFinished, SortStarted, iter_sort)
-from .core.settings import SETTINGS, SortSettings
+from .core.settings import CLUSTER_SETTINGS, SETTINGS, SortSettings
 
 __all__ = ["CoefficientsProgress", "SortStarted", "IterationDone", "RoundDone", "SortFinished", "RunFailed",
            "run_sort", "widget_name"]
@@ -37,16 +38,24 @@ def widget_name(name: str, form: str = "") -> str:
     """How the widget names a setting in messages: its label in quotes (switched off: '"normalize" off')."""
     if name in OTHER_NAMES:
         return OTHER_NAMES[name]
-    label = SETTINGS[name].label if name in SETTINGS else name.replace("_", " ")
+    declaration = SETTINGS.get(name) or CLUSTER_SETTINGS.get(name)
+    label = declaration.label if declaration is not None else name.replace("_", " ")
     return f'"{label}" off' if form == "off" else f'"{label}"'
 
 
 def run_sort(particles, settings: SortSettings, cancel: threading.Event, n_components_shown: int = 4,
-             shown: threading.Event | None = None, with_classes: bool = False) -> Iterator:
+             shown: threading.Event | None = None, with_classes: bool = False,
+             dask_scheduler: str | None = None) -> Iterator:
     """The events of :func:`~napari_ppcasort.core.run.iter_sort`, or RunFailed (then stops) when the data or the
-    parameters are rejected or the computation fails. Stops quietly once ``cancel`` is set."""
+    parameters are rejected or the computation fails. Stops quietly once ``cancel`` is set.
+
+    dask_scheduler : the address of a running Dask scheduler (or its scheduler file) to sort on its workers, through
+        a ``distributed.Client`` connected for this run (closed at its end); None sorts in this process. Without
+        Dask, or when the scheduler cannot be reached, RunFailed names the "Dask scheduler" field and says why.
+    """
     try:
-        yield from iter_sort(particles, settings, cancel=cancel, n_components_shown=n_components_shown, shown=shown,
-                             with_classes=with_classes)
+        with dask_client(scheduler=dask_scheduler) as client:
+            yield from iter_sort(particles, settings, cancel=cancel, n_components_shown=n_components_shown,
+                                 shown=shown, with_classes=with_classes, client=client)
     except PPCASortError as error:
         yield RunFailed(error.describe(widget_name))

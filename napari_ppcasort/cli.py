@@ -25,8 +25,8 @@ import numpy as np
 
 from . import __version__
 from .commands import COMMANDS
+from .commands._common import cli_name
 from .core.errors import InputError, PPCASortError, RunError
-from .core.settings import cli_name
 
 __all__ = ["main", "build_parser", "Terminated"]
 
@@ -42,18 +42,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full=None) -> argparse.ArgumentParser:
+    """The ``ppcasort`` parser. ``full``: the names of the commands whose options are built (None: all); the
+    others get a stand-in with their one-line help, enough for ``ppcasort --help``. Building a command's options
+    imports what its defaults come from (the settings schema and its models, the simulators), so ``main`` builds
+    only those of the command it runs."""
     parser = _Parser(prog="ppcasort", description="Remove junk particle images (ice, carbon, contamination, empty "
                      "boxes) from cryo-EM particle stacks with a mixture of probabilistic PCA and online sorting.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
-        command.add_parser(commands)
+        if full is None or command.NAME in full:
+            command.add_parser(commands)
+        else:
+            commands.add_parser(command.NAME, help=command.HELP)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names: its first argument that is not an option (``ppcasort`` has no option with a
+    value before the command), or None."""
+    return next((argument for argument in argv if not argument.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(full={_command_of(argv)} - {None})
     args = parser.parse_args(argv)
     prefix = f"ppcasort {args.command}: error:"
     with _sigterm_as_interrupt():

@@ -347,3 +347,55 @@ def test_expand_real_particles_from_star_file(pswf33):
     # normalised noisy particles: most of the disk energy is in the (band-limited) span
     captured = np.linalg.norm(coefficients, axis=1) ** 2 / np.linalg.norm(images[:, basis.mask], axis=1) ** 2
     assert np.all((captured > 0.5) & (captured <= 1 + 1e-5))
+
+
+# -- the PSWF tables are cached between runs (core.tables) ------------------------------------------------------
+
+
+def test_pswf_tables_are_read_back_from_the_disk_cache_and_never_trusted_blindly(tmp_path, monkeypatch):
+    from napari_ppcasort.core import bases as bases_module
+    from napari_ppcasort.core import tables
+
+    monkeypatch.setenv("PPCASORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tables, "_memory", type(tables._memory)())
+    built = PSWFBasis(32, radius=13.5, max_coefficients=40)
+    [stored] = (tmp_path / "cache").glob("pswf-*.npz")
+
+    def computed(*args, **kwargs):
+        raise AssertionError("computed again instead of read from the cache")
+
+    tables._memory.clear()  # a new process: only the disk cache
+    with monkeypatch.context() as patched:
+        patched.setattr(bases_module, "_bandlimit_for_count", computed)
+        read = PSWFBasis(32, radius=13.5, max_coefficients=40)
+    np.testing.assert_array_equal(read.matrix, built.matrix)
+    np.testing.assert_array_equal(read.angular_frequencies, built.angular_frequencies)
+    assert read.bandlimit == built.bandlimit and not read.matrix.flags.writeable
+    # another radius is another table
+    other = PSWFBasis(32, radius=12.0, max_coefficients=40)
+    assert len(list((tmp_path / "cache").glob("pswf-*.npz"))) == 2 and other.matrix.shape[0] < built.matrix.shape[0]
+    # a damaged file is computed again (and replaced)
+    stored.write_bytes(stored.read_bytes()[:200])
+    tables._memory.clear()
+    np.testing.assert_array_equal(PSWFBasis(32, radius=13.5, max_coefficients=40).matrix, built.matrix)
+    tables._memory.clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(bases_module, "_bandlimit_for_count", computed)
+        np.testing.assert_array_equal(PSWFBasis(32, radius=13.5, max_coefficients=40).matrix, built.matrix)
+    # a cache folder that cannot be written, or none: the basis is built all the same
+    (tmp_path / "a file").write_text("")
+    for folder in (str(tmp_path / "a file"), ""):
+        monkeypatch.setenv("PPCASORT_CACHE_DIR", folder)
+        tables._memory.clear()
+        np.testing.assert_array_equal(PSWFBasis(32, radius=13.5, max_coefficients=40).matrix, built.matrix)
+    assert (tmp_path / "a file").read_text() == ""
+
+
+def test_an_image_has_the_same_coefficients_whatever_chunk_it_is_expanded_in():
+    """Bit for bit: the local expansion's chunks (64 MB of images) and a sort's chunks on Dask differ."""
+    basis = PSWFBasis(24, radius=10.5, max_coefficients=60)
+    images = np.random.default_rng(0).standard_normal((760, 24, 24)).astype(np.float32)
+    whole = basis.expand(images)
+    for size in (150, 37, 2):  # (a chunk of one image is a matrix-vector product, which rounds otherwise)
+        chunked = np.concatenate([basis.expand(images[start:start + size]) for start in range(0, 760, size)])
+        np.testing.assert_array_equal(chunked, whole)

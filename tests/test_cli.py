@@ -97,6 +97,35 @@ def test_sort_writes_readable_kept_and_rejected_sets_scores_parameters_and_repor
     assert_png(out / "report.png")
 
 
+def kept_and_scores(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = pd.read_csv(out / "scores.csv")
+    return table["kept"].to_numpy(bool), table["score"].to_numpy(float)
+
+
+def test_the_chunk_size_changes_the_kept_set_only_up_to_summation_order(toy_sort, tmp_path, capsys, monkeypatch):
+    """--chunk-size 97 (11 chunks of the 1000 toy images; the default is one chunk) reaches the sort and keeps the
+    same particles up to summation order (Jaccard >= 0.999), with the same scores to rounding; it is no setting of
+    parameters.json."""
+    from napari_ppcasort.core import run as run_module
+
+    asked = []
+    iter_sort = run_module.iter_sort
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("chunk_size"))
+        return iter_sort(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "iter_sort", recording)
+    out = tmp_path / "chunked"
+    assert main(["sort", str(TOY), "-o", str(out), *TOY_SETTINGS, "--chunk-size", "97"]) == 0, capsys.readouterr().err
+    assert asked == [97]
+    kept, scores = kept_and_scores(out)
+    kept_default, scores_default = kept_and_scores(toy_sort[0])
+    assert np.count_nonzero(kept & kept_default) / np.count_nonzero(kept | kept_default) >= 0.999
+    np.testing.assert_allclose(scores, scores_default, rtol=1e-6, atol=1e-9)
+    assert "chunk_size" not in json.loads((out / "parameters.json").read_text())["settings"]
+
+
 def test_existing_results_are_refused_then_replaced_with_force_and_settings_file(toy_sort):
     out, first = toy_sort
     assert first.returncode == 0, first.stderr
@@ -242,6 +271,8 @@ def bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
                              r"--stop 'schedule' needs --n-rounds or --target-kept-fraction, so that the sort knows "
                              r"when to stop"),
         "unknown basis": (["sort", TOY, "-o", out, "--basis", "fourier"], r"argument --basis: invalid choice"),
+        "chunk size 0": (["sort", TOY, "-o", out, "--chunk-size", "0"],
+                         r"--chunk-size must be a whole number of at least 1 or none, got 0$"),
         "dimension above the basis": (["sort", noise_stack, "-o", out, "--model", "paper", "--basis", "pca",
                                        "--n-coefficients", "none"],
                                       r"noise\.mrcs: the PCA basis gives \d coefficients, not more than the total "
@@ -359,3 +390,32 @@ def test_help_lists_every_setting_with_its_default_and_version():
         assert re.search(re.escape(option) + r"[^\[]*\[default: " + re.escape(shown) + r"\]", text), field.name
     version = run("--version")
     assert version.stdout.strip() == f"ppcasort {__version__}"
+
+
+_IMPORTED_BY_HELP = """
+import contextlib, io, sys
+from napari_ppcasort.cli import main
+
+HEAVY = ("napari", "qtpy", "PyQt5", "PyQt6", "matplotlib", "dask", "distributed", "pandas", "scipy.stats",
+         "napari_ppcasort.core.models", "napari_ppcasort.core.run")
+
+def imported():
+    return sorted(name for name in HEAVY if name in sys.modules)
+
+print(imported())
+for argv in (["--help"], ["sort", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):
+        main(argv)
+    assert "usage: ppcasort" in shown.getvalue()
+    print(imported())
+"""
+
+
+def test_the_command_line_imports_no_gui_dask_or_engine_until_a_command_needs_it():
+    """Importing the CLI imports neither napari, Qt, matplotlib nor Dask (nor pandas, scipy.stats or the models);
+    ``ppcasort --help`` does not either; ``ppcasort sort --help`` needs the settings' models, not the rest."""
+    result = subprocess.run([sys.executable, "-c", _IMPORTED_BY_HELP], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    on_import, on_help, on_sort_help = result.stdout.splitlines()
+    assert on_import == on_help == "[]"
+    assert on_sort_help == "['napari_ppcasort.core.models']"

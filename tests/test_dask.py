@@ -23,8 +23,8 @@ import pytest
 import dask
 import distributed  # in the [test] extra: a missing Dask fails these tests rather than skipping them
 
-from napari_ppcasort import (ArrayParticleSet, IterationDone, SortFinished, SortSettings, iter_sort, open_particles,
-                             sort_particles)
+from napari_ppcasort import (ArrayParticleSet, IterationDone, RoundDone, SortFinished, SortSettings, iter_sort,
+                             open_particles, sort_particles)
 from napari_ppcasort.cli import main
 from napari_ppcasort.core.ctf import ctf_parameters
 from napari_ppcasort.core.distributed import DaskChunks, chunk_preprocessor, dask_client
@@ -74,7 +74,7 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def test_a_local_cluster_sort_keeps_what_the_single_process_sort_keeps(star, local, client):
     with open_particles(star) as particles:
         assert ctf_parameters(particles) is not None  # the chunks' tasks phase-flip with their own particles' CTF
-        events = list(iter_sort(particles, SETTINGS, client=client, chunk_size=CHUNK))
+        events = list(iter_sort(particles, SETTINGS, client=client, chunk_size=CHUNK, with_classes=True))
     result = events[-1].result
     assert isinstance(result.coefficients, DaskChunks) and result.coefficients.n_chunks == 10
     # the same chunks summed in the same tree: the same numbers
@@ -85,6 +85,14 @@ def test_a_local_cluster_sort_keeps_what_the_single_process_sort_keeps(star, loc
     assert jaccard(result.kept_mask, local["default"].kept_mask) >= 0.999
     np.testing.assert_allclose(result.scores, local["default"].scores, rtol=1e-6, atol=1e-6)
     assert 1500 <= result.n_kept < 1900
+    # the class views of every round (what the widget shows) come from the workers, and equal the local ones
+    last_round = [event for event in events if isinstance(event, RoundDone)][-1]
+    here = local["chunked"].class_views()
+    for there in (last_round.classes, result.class_views()):
+        np.testing.assert_array_equal(there.assignment, here.assignment)
+        np.testing.assert_array_equal(there.counts, here.counts)
+        np.testing.assert_allclose(there.averages, here.averages, rtol=1e-6, atol=1e-6 * np.abs(here.averages).max())
+        assert there.kinds == here.kinds and there.counts.sum() == 1900
 
 
 def test_an_em_iteration_sends_the_parameters_and_receives_one_merged_estep(star, client):
@@ -273,5 +281,3 @@ def test_the_dask_options_are_checked_like_the_settings(star, tmp_path, capsys):
 def test_a_dask_client_of_local_workers_and_none(star):
     with dask_client() as nothing:
         assert nothing is None
-    with pytest.raises(ValueError, match="with_classes"):
-        next(iter_sort(star, SETTINGS, client=object(), with_classes=True))

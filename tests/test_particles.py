@@ -529,3 +529,50 @@ def test_array_particle_set_keeps_edits_of_copy_on_write_memmap(tmp_path):
     chunks = list(ArrayParticleSet(edited).iter_chunks(chunk_size=1))
     assert chunks[2][1][0, 1, 1] == 7.0
     assert next(ArrayParticleSet(edited).iter_chunks([2]))[1][0, 1, 1] == 7.0
+
+
+_READ_SCATTERED = """
+import sys
+import numpy as np
+from napari_ppcasort.core.particles import open_particles
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith(key))
+
+with open_particles(sys.argv[1]) as particles:
+    rows = np.sort(np.random.default_rng(0).choice(particles.n_particles, 500, replace=False))
+    before = status("VmRSS")
+    images = particles.read(rows)
+    print(status("VmHWM") - before, float(images.sum(dtype=np.float64)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_scattered_reads_do_not_map_the_stack_into_memory(tmp_path):
+    """500 scattered images of a 80 MB stack (2 MB of pixels) raise the reading process's peak memory by about
+    what was read, not by the kernel's read-around of every page fault through a memory map (64 kB or more a
+    fault: 32 MB or more), and give the images mrcfile reads."""
+    import subprocess
+    import sys
+
+    images = np.random.default_rng(1).standard_normal((20000, 32, 32)).astype(np.float32)
+    path = write_stack(tmp_path / "big.mrcs", images)
+    rows = np.sort(np.random.default_rng(0).choice(20000, 500, replace=False))
+    grown_kib, total = subprocess.run([sys.executable, "-c", _READ_SCATTERED, str(path)], check=True,
+                                      capture_output=True, text=True).stdout.split()
+    assert int(grown_kib) < 12 * 1024
+    assert float(total) == pytest.approx(float(images[rows].sum(dtype=np.float64)), rel=1e-9)
+
+
+def test_read_rows_reads_runs_and_scattered_rows_of_a_memmap_as_indexing_does(tmp_path):
+    data = np.arange(50 * 3 * 4, dtype=np.int16).reshape(50, 3, 4)
+    path = tmp_path / "rows.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.int16, mode="r", shape=(50, 3, 4))
+    for rows in ([0, 1, 2, 7, 8, 30, 49], [5], [], list(range(50))):
+        got = particles_module.read_rows(mapped, np.array(rows, dtype=np.int64))
+        np.testing.assert_array_equal(got, data[rows])
+        assert got.dtype == data.dtype and not isinstance(got, np.memmap)
+    # a view that starts inside the mapping is read by indexing, correctly too
+    np.testing.assert_array_equal(particles_module.read_rows(mapped[10:], np.array([0, 3])), data[[10, 13]])

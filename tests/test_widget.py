@@ -682,3 +682,60 @@ def test_the_gallery_shows_100000_particles_reading_only_those_on_screen(qtbot):
     assert particles.read_count < 2_000  # only the tiles that were on screen
     assert gallery.loader.thumbnail(last) is None  # never on screen: not read (now asked for)
     gallery.close_loader()
+
+
+# -- on a Dask scheduler --------------------------------------------------------------------------------------------
+
+
+def test_a_sort_on_a_dask_scheduler_shows_its_classes_and_keeps_what_a_sort_here_keeps(qtbot, sample_widget,
+                                                                                      tmp_path):
+    import distributed
+
+    from napari_ppcasort import sort_particles
+    from napari_ppcasort.core.distributed import DaskChunks
+
+    viewer, widget = sample_widget
+    assert widget.form.dask_scheduler.tooltip.startswith("empty: sort in napari's process")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        widget.form.dask_scheduler.value = cluster.scheduler_address
+        run_to_end(qtbot, widget)
+    result = widget.result
+    assert isinstance(result.coefficients, DaskChunks)  # the coefficients were on the worker
+    here = sort_particles(widget._run_particles, widget.form.settings())
+    kept, kept_here = widget.kept_mask, here.kept_mask
+    assert np.count_nonzero(kept & kept_here) / np.count_nonzero(kept | kept_here) >= 0.999
+    # the class views of the last round came from the worker: those of the sort here
+    classes, classes_here = widget.classes_shown, here.class_views()
+    assert classes.counts.sum() == 2000 and classes.kinds == classes_here.kinds
+    np.testing.assert_array_equal(classes.counts, classes_here.counts)
+    np.testing.assert_allclose(classes.averages, classes_here.averages, atol=1e-5 * np.abs(classes_here.averages).max())
+    assert widget.class_view.decisions[0].isEnabled() and widget.status.text().startswith("Done: kept")
+    # the export needs nothing from the workers (the cluster is gone): the kept set, in the input's format
+    with qtbot.waitSignal(widget.exported, timeout=RUN_TIMEOUT_MS):
+        widget.export(tmp_path)
+    with open_particles(tmp_path / "kept.star") as back:
+        assert back.n_particles == np.count_nonzero(kept)
+
+
+def test_an_unreachable_scheduler_or_no_dask_is_a_message_naming_the_field(qtbot, sample_widget, errors, monkeypatch):
+    import socket
+    import sys
+
+    import dask
+
+    viewer, widget = sample_widget
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    widget.form.dask_scheduler.value = address
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        run_to_end(qtbot, widget, outcome="failed")
+    status = widget.status.text()
+    assert status.startswith(f'Failed: cannot reach the Dask scheduler at {address} given by "Dask scheduler"')
+    assert widget.result is None and widget.form.native.isEnabled()
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails, as without the extra
+    assert widget.run() is None and not widget.running
+    assert errors[-1] == ('"Dask scheduler" needs Dask (dask and distributed), which is not installed: '
+                          'pip install "napari-ppcasort[dask]"')
+    widget.form.dask_scheduler.value = "  "  # empty: in this process, Dask or not
+    assert widget.form.scheduler() is None

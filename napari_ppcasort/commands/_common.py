@@ -1,5 +1,8 @@
 """What the commands share: the sort options generated from the settings schema, the output options, the
-progress shown on stderr, and a sort run with that progress."""
+progress shown on stderr, and a sort run with that progress.
+
+The settings schema and the engine are imported by the functions that use them, not with this module, so that
+``ppcasort --help`` (and any command's parser that does not need them) starts without the models' imports."""
 
 from __future__ import annotations
 
@@ -9,9 +12,6 @@ import time
 from pathlib import Path
 
 from ..core.errors import InputError, SettingsError, literal
-from ..core.run import (CoefficientsProgress, IterationDone, RoundDone, SortFinished, SortStarted, iter_sort)
-from ..core.settings import (CLUSTER_SETTINGS, SETTINGS, ClusterSettings, Setting, SortSettings, cli_name,
-                             read_settings_file)
 
 BAR_WIDTH = 16
 
@@ -44,6 +44,8 @@ def add_settings_options(parser: argparse.ArgumentParser, defaults: SortSettings
     """One option per setting of the schema, showing ``defaults``; ``--settings`` to start from a file."""
     group = parser.add_argument_group(
         "sort parameters", "one per setting; a value 'none' means the behaviour the description gives for none")
+    from ..core.settings import SETTINGS
+
     for name, declaration in SETTINGS.items():
         _add_option(group, declaration, getattr(defaults, name))
     group.add_argument("--settings", type=Path, metavar="JSON",
@@ -70,7 +72,9 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     """One option per setting of where the sort runs (:class:`ClusterSettings`: ``--dask-workers``, ...)."""
     group = parser.add_argument_group(
         "where to sort", "in this process by default; on Dask with the dask extra (pip install "
-                         "\"napari-ppcasort[dask]\"): the results are the same")
+                         "\"napari-ppcasort[dask]\"); in chunks of any size: the results are the same")
+    from ..core.settings import CLUSTER_SETTINGS, ClusterSettings
+
     defaults = ClusterSettings()
     for name, declaration in CLUSTER_SETTINGS.items():
         _add_option(group, declaration, getattr(defaults, name))
@@ -79,6 +83,8 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
 def cluster_settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     """The ClusterSettings of the command line (validated); a SettingsError at once when Dask is asked for but not
     installed."""
+    from ..core.settings import CLUSTER_SETTINGS, ClusterSettings
+
     cluster = ClusterSettings(**{name: getattr(args, name) for name in CLUSTER_SETTINGS if hasattr(args, name)})
     if cluster.distributed:
         from ..core.distributed import import_distributed
@@ -89,6 +95,8 @@ def cluster_settings_from_args(args: argparse.Namespace) -> ClusterSettings:
 
 def settings_from_args(args: argparse.Namespace, defaults: SortSettings) -> SortSettings:
     """``defaults``, then the ``--settings`` file, then the options given on the command line (validated)."""
+    from ..core.settings import SETTINGS, SortSettings, read_settings_file
+
     values = defaults.to_dict()
     if args.settings is not None:
         values.update(read_settings_file(args.settings))
@@ -145,6 +153,8 @@ class Progress:
 
     def show(self, event, basis_name: str) -> None:
         """Show one event of iter_sort."""
+        from ..core.run import CoefficientsProgress, IterationDone, RoundDone, SortStarted
+
         if isinstance(event, CoefficientsProgress):
             if self.live:
                 self._draw("coefficients", event.done, event.total, f"{event.done}/{event.total} images")
@@ -188,16 +198,27 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
 
-def sort_with_progress(particles, settings: SortSettings, progress: Progress, client=None):
-    """Run iter_sort (on the Dask ``client``'s workers if given), showing its events; returns the SortResult."""
+def sort_with_progress(particles, settings: SortSettings, progress: Progress, client=None,
+                       chunk_size: int | None = None):
+    """Run iter_sort (on the Dask ``client``'s workers if given, in chunks of ``chunk_size`` particles), showing its
+    events; returns the SortResult."""
+    from ..core.run import SortFinished, iter_sort  # the engine: imported when a command runs, not to parse it
+
     progress.iterations_per_round = settings.iterations_per_round
     if progress.live:
         progress._draw("coefficients", 0, particles.n_particles, "preparing the basis")
-    for event in iter_sort(particles, settings, client=client):
+    for event in iter_sort(particles, settings, client=client, chunk_size=chunk_size):
         if isinstance(event, SortFinished):
             return event.result
         progress.show(event, settings.basis.upper())
     raise AssertionError("iter_sort ended without a result")  # it does only when cancelled
+
+
+def cli_name(name: str, form: str = "") -> str:
+    """How the command line names a setting (see :func:`napari_ppcasort.core.settings.cli_name`)."""
+    from ..core.settings import cli_name as settings_cli_name
+
+    return settings_cli_name(name, form)
 
 
 def rounds_text(n: int) -> str:

@@ -8,18 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.outputs import OutputSet
-from ..core.particles import open_particles
-from ..core.results import existing_results, result_names, write_results
-from ..core.run import check_sort
-from ..core.settings import SortSettings
-from ..core.simulate import NOISE, OUTLIER, PARTICLE, simulate_particles
 from ._common import add_output_options, add_settings_options, file_names, rounds_text, settings_from_args, \
     sort_with_progress
 from .simulate import DEMO_STACK, present, simulated_names, stage_simulated
 from .sort import add_verbose_option, progress_for
 
 NAME = "demo"
+HELP = "sort a built-in simulated stack and report how pure the kept set is"
 #: Where the demo's settings differ from SortSettings (nowhere: the demo shows the defaults).
 DEMO_SETTINGS: dict = {}
 DEMO_OUTPUT = "ppcasort-demo"
@@ -27,9 +22,11 @@ DEMO_NAME = "simulated"
 
 
 def add_parser(commands) -> None:
+    from ..core.settings import SortSettings
+
     n_images = sum(DEMO_STACK[k] for k in ("n_particles", "n_outliers", "n_noise"))
     parser = commands.add_parser(
-        NAME, help="sort a built-in simulated stack and report how pure the kept set is",
+        NAME, help=HELP,
         description=f"Simulate {n_images} images ({DEMO_STACK['n_particles']} particles, {DEMO_STACK['n_outliers']} "
                     f"outliers, {DEMO_STACK['n_noise']} noise; {DEMO_STACK['box_size']} px, SNR {DEMO_STACK['snr']}), "
                     "sort them as 'ppcasort sort' does and compare the kept set with the truth.")
@@ -40,6 +37,13 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.outputs import OutputSet
+    from ..core.particles import open_particles
+    from ..core.results import existing_results, result_names, write_results
+    from ..core.run import check_sort
+    from ..core.settings import SortSettings
+    from ..core.simulate import NOISE, OUTLIER, PARTICLE, simulate_particles
+
     started = time.monotonic()
     settings = settings_from_args(args, SortSettings(**DEMO_SETTINGS))
     stack_names = simulated_names(DEMO_NAME)

@@ -11,12 +11,13 @@ from ..core.particles import ParticleFileError, open_particles
 from ._common import UsageError
 
 NAME = "gui"
+HELP = "open napari with the sorting widget (and INPUT loaded)"
 #: The widget as napari.yaml names it.
 PLUGIN_NAME, WIDGET_NAME = "napari-ppcasort", "Sort particles"
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser(NAME, help="open napari with the sorting widget (and INPUT loaded)",
+    parser = commands.add_parser(NAME, help=HELP,
                                  description="Open napari with the sorting widget docked and INPUT, if given, loaded.")
     parser.add_argument("input", type=Path, nargs="?", metavar="INPUT", help="particle file to open")
     parser.set_defaults(run=run)

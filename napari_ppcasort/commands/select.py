@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.results import open_results_folder, read_results, write_results
 from ._common import UsageError, add_output_options, file_names
 
 NAME = "select"
+HELP = "re-cut the results of a sort (its scores.csv) by a score threshold or a count, without sorting again"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        NAME, help="re-cut the results of a sort (its scores.csv) by a score threshold or a count, without sorting "
-                   "again",
+        NAME, help=HELP,
         description="Write new kept and rejected sets, scores.csv and parameters.json into OUTDIR from the results "
                     "of an earlier sort (a folder written by 'ppcasort sort' or the widget's Export), with another "
                     "cut: the particles scoring at most --score-threshold, or the --keep best by score. The manual "
@@ -33,6 +32,8 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.results import open_results_folder, read_results, write_results
+
     recorded = read_results(args.results)
     with recorded.particles as particles:
         scores = recorded.scores

@@ -11,21 +11,17 @@ import mrcfile
 import numpy as np
 
 from ..core.outputs import OutputSet
-from ..core import micrograph
-from ..core.simulate import LABEL_NAMES, load_volume, simulate_particles, write_simulated
 from ..core.errors import literal
 from ._common import UsageError, add_output_options
 
 NAME = "simulate"
+HELP = "write a simulated particle stack with known junk (labels included)"
 #: The demo's simulated stack (also the defaults of ``ppcasort simulate``): 20 % junk, 32 px, SNR 0.3.
 DEMO_STACK = {"n_particles": 2400, "n_outliers": 300, "n_noise": 300, "box_size": 32, "snr": 0.3, "random_state": 0}
 
-PAPER_PIXEL_SIZE = inspect.signature(simulate_particles).parameters["pixel_size"].default
-
-
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        NAME, help="write a simulated particle stack with known junk (labels included)",
+        NAME, help=HELP,
         description="Write NAME.mrcs, NAME.star (true labels in the ppcasortTrueLabel column: 0 particle, "
                     "1 outlier, 2 noise; with --realistic also 3 off-centre, 4 aggregate, 5 ice, 6 carbon, 7 empty) "
                     "and NAME_labels.csv in OUTDIR, all three or none. By default the paper's stack (projections, "
@@ -35,7 +31,18 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
+def paper_pixel_size() -> float:
+    """The pixel size (angstrom) of the paper's stack: ``simulate_particles``' default."""
+    from ..core.simulate import simulate_particles
+
+    return inspect.signature(simulate_particles).parameters["pixel_size"].default
+
+
 def add_simulation_options(parser: argparse.ArgumentParser) -> None:
+    # the simulators (pandas, scipy.ndimage...) are imported only when this command's options are built
+    from ..core import micrograph
+    from ..core.simulate import simulate_particles, write_simulated
+
     engine = inspect.signature(simulate_particles).parameters
     stack = parser.add_argument_group("simulated stack")
     stack.add_argument("--n-particles", type=int, metavar="N", default=DEMO_STACK["n_particles"],
@@ -57,7 +64,7 @@ def add_simulation_options(parser: argparse.ArgumentParser) -> None:
     stack.add_argument("--defocus", type=float, nargs=2, metavar=("LOW", "HIGH"),
                        help="apply a CTF with a defocus drawn in [LOW, HIGH] micrometres [default: no CTF]")
     stack.add_argument("--pixel-size", type=float, metavar="ANGSTROM",
-                       help=f"pixel size in angstrom [default: {PAPER_PIXEL_SIZE}; with --realistic, the "
+                       help=f"pixel size in angstrom [default: {paper_pixel_size()}; with --realistic, the "
                             "one at which the particle is 60%% of the box across]")
     realistic = parser.add_argument_group(
         "realistic picks", "micrographs with CTF, coloured noise, ice, carbon edges and clumps, picked by an "
@@ -87,6 +94,8 @@ def present(names: list[str]):
 
 def stage_simulated(output: OutputSet, stack, name: str) -> dict[str, Path]:
     """Write a simulated stack into an output set's staging folder; returns the staged paths by kind."""
+    from ..core.simulate import write_simulated
+
     for each in simulated_names(name):
         output.path(each)
     try:
@@ -97,6 +106,8 @@ def stage_simulated(output: OutputSet, stack, name: str) -> dict[str, Path]:
 
 def simulate(args: argparse.Namespace):
     """The stack the options describe (UsageError for options the engine refuses)."""
+    from ..core.simulate import load_volume, simulate_particles
+
     try:
         if args.realistic:
             return _simulate_picks(args)
@@ -106,7 +117,7 @@ def simulate(args: argparse.Namespace):
             n_particles=args.n_particles, n_outliers=args.n_outliers, n_noise=args.n_noise, box_size=box,
             volume=volume, snr=DEMO_STACK["snr"] if args.snr is None else args.snr, max_shift=args.max_shift,
             defocus_um=None if args.defocus is None else tuple(args.defocus),
-            pixel_size=PAPER_PIXEL_SIZE if args.pixel_size is None else args.pixel_size, random_state=args.seed)
+            pixel_size=paper_pixel_size() if args.pixel_size is None else args.pixel_size, random_state=args.seed)
     except (FileNotFoundError, IsADirectoryError):
         raise UsageError(f"{literal(args.volume)}: no such volume file") from None
     except ValueError as error:
@@ -117,6 +128,9 @@ def simulate(args: argparse.Namespace):
 
 def _simulate_picks(args: argparse.Namespace):
     """The realistic picked stack of the options (the volume at the voxel size its MRC header records)."""
+    from ..core import micrograph
+    from ..core.simulate import load_volume
+
     volumes = voxel_sizes = None
     if args.volume is not None:
         volumes = load_volume(args.volume)
@@ -134,6 +148,8 @@ def _simulate_picks(args: argparse.Namespace):
 
 def box_size(args: argparse.Namespace) -> int:
     """The box the options ask for (the default depends on --realistic)."""
+    from ..core import micrograph
+
     if args.box is not None:
         return args.box
     return micrograph.DEFAULT_BOX_SIZE if args.realistic else DEMO_STACK["box_size"]
@@ -145,6 +161,8 @@ def n_simulated(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.simulate import LABEL_NAMES
+
     names = simulated_names(args.name)
     if Path(args.name).name != args.name or not args.name:
         raise UsageError(f"--name must be a plain file name without folders, got {literal(repr(args.name))}")

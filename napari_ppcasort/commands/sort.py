@@ -7,21 +7,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.distributed import dask_client
-from ..core.particles import PARTICLE_SUFFIXES, open_particles
-from ..core.results import open_results_folder, write_results
-from ..core.run import check_sort
-from ..core.selection import read_overrides_file
-from ..core.settings import SortSettings
+from ..core.particles import PARTICLE_SUFFIXES
 from ._common import (Progress, add_cluster_options, add_output_options, add_settings_options,
                       cluster_settings_from_args, file_names, rounds_text, settings_from_args, sort_with_progress)
 
 NAME = "sort"
+HELP = f"sort a particle set ({', '.join(PARTICLE_SUFFIXES)}) and write the kept and rejected sets"
 
 
 def add_parser(commands) -> None:
+    from ..core.settings import SortSettings
+
     parser = commands.add_parser(
-        NAME, help=f"sort a particle set ({', '.join(PARTICLE_SUFFIXES)}) and write the kept and rejected sets",
+        NAME, help=HELP,
         description="Sort a particle set and write kept.star/.mrcs (or kept.cs), rejected.star/.mrcs (or "
                     "rejected.cs), scores.csv, report.png and parameters.json in OUTDIR, all or nothing: a "
                     "failed or interrupted run leaves OUTDIR as it was. With --settings parameters.json, the "
@@ -45,6 +43,13 @@ def progress_for(args: argparse.Namespace) -> Progress:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.distributed import dask_client
+    from ..core.particles import open_particles
+    from ..core.results import open_results_folder, write_results
+    from ..core.run import check_sort
+    from ..core.selection import read_overrides_file
+    from ..core.settings import SortSettings
+
     settings = settings_from_args(args, SortSettings())
     cluster = cluster_settings_from_args(args)
     with open_particles(args.input) as particles:
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         with open_results_folder(args.output, particles, force=args.force, inputs=[args.settings]) as output:
             # the cluster (or the connection) lasts for the sort; the results are written by this process
             with dask_client(cluster.dask_workers, cluster.dask_scheduler) as client, progress_for(args) as progress:
-                result = sort_with_progress(particles, settings, progress, client=client)
+                result = sort_with_progress(particles, settings, progress, client=client,
+                                            chunk_size=cluster.chunk_size)
             if overrides:  # the particles moved across the cut by hand in the run that wrote the settings file
                 result = replace(result, overrides=overrides)
             written = write_results(output, result, title=str(args.input))

@@ -102,6 +102,10 @@ class Chunks:
         """The chunks with at least one kept row, in order (the ones every loop visits)."""
         return [int(j) for j in np.flatnonzero(self.counts)]
 
+    def all_rows(self) -> "Chunks":
+        """The same chunks with every row kept (all N particles, whatever was pruned)."""
+        return self._with_kept(np.ones(self.n_total, dtype=bool))
+
     def keep(self, positions) -> "Chunks":
         """The same chunks with only the kept rows at ``positions`` (indices into the kept rows) kept."""
         kept = np.zeros(self.n_total, dtype=bool)

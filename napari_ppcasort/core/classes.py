@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .chunks import Chunks, LocalChunks
+
 __all__ = ["ClassViews", "class_views", "aligned_average", "component_kinds", "PARTICLE", "N_ANGLES",
            "ALIGN_ITERATIONS", "MAX_MEMBERS_AVERAGED"]
 
@@ -85,24 +87,27 @@ def component_kinds(parameters, n_components: int) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def class_views(model, parameters, basis, coefficients: np.ndarray, scores: np.ndarray) -> ClassViews:
+def class_views(model, parameters, basis, coefficients, scores: np.ndarray) -> ClassViews:
     """The :class:`ClassViews` of a fitted ``model`` (with its ``parameters`` snapshot) on every particle.
 
-    coefficients : (N, L) basis coefficients of all particles; scores : (N,) their final junk scores.
+    coefficients : (N, L) basis coefficients of all particles, or the :class:`~napari_ppcasort.core.chunks.Chunks`
+        that hold them (those of a sort on Dask: each chunk's assignment is computed where the chunk is, and only
+        the rows averaged, at most MAX_MEMBERS_AVERAGED per component, come to this process).
+    scores : (N,) their final junk scores.
     """
-    coefficients = np.asarray(coefficients)
+    chunks = (coefficients if isinstance(coefficients, Chunks) else LocalChunks(np.asarray(coefficients))).all_rows()
     scores = np.asarray(scores, dtype=np.float64)
-    responsibilities = model.predict_proba(coefficients)
-    n_components = responsibilities.shape[1]
-    assignment = np.argmax(responsibilities, axis=1)
-    counts = np.bincount(assignment, minlength=n_components)
     # a model with junk components gives the means and weights of all of them (particle classes first)
     means = np.asarray(getattr(parameters, "component_means", parameters.means), dtype=np.float64)
+    n_components = means.shape[0]
+    assignment = chunks.concat(_assign, model.expectation_state()).astype(np.int64)
+    counts = np.bincount(assignment, minlength=n_components)
     weights = getattr(parameters, "component_weights", None)
     weights = np.asarray(parameters.weights if weights is None else weights, dtype=np.float64)
     averages = means.copy()
     mean_scores = np.full(n_components, np.nan)
     steerable = _is_steerable(basis)
+    averaged = {}  # component -> its members to average, best score first
     for component in range(n_components):
         members = np.flatnonzero(assignment == component)
         if members.size == 0:
@@ -111,12 +116,22 @@ def class_views(model, parameters, basis, coefficients: np.ndarray, scores: np.n
         order = members[np.argsort(np.nan_to_num(scores[members], nan=np.inf), kind="stable")]
         if order.size > MAX_MEMBERS_AVERAGED:
             order = order[np.linspace(0, order.size - 1, MAX_MEMBERS_AVERAGED).round().astype(np.int64)]
-        rows = np.asarray(coefficients[order], dtype=np.float64)
+        averaged[component] = order
+    if averaged:  # the rows of every component's averaged members, in one pass over the chunks
+        wanted = np.unique(np.concatenate(list(averaged.values())))
+        taken = chunks.take(wanted)
+    for component, order in averaged.items():
+        rows = np.asarray(taken[np.searchsorted(wanted, order)], dtype=np.float64)
         averages[component] = aligned_average(rows, basis) if steerable else rows.mean(axis=0)
     images = np.asarray(basis.evaluate(averages), dtype=np.float32)
     return ClassViews(assignment=assignment, kinds=component_kinds(parameters, n_components), counts=counts,
                       weights=weights.copy(), mean_scores=mean_scores,
                       averages=images, aligned=steerable)
+
+
+def _assign(rows: np.ndarray, offset: int, model) -> np.ndarray:
+    """(c,) int32, the most responsible component of each row of a chunk (a ``Chunks.concat`` function)."""
+    return np.argmax(model.log_densities(rows), axis=1).astype(np.int32)
 
 
 def _is_steerable(basis) -> bool:

@@ -201,10 +201,8 @@ class SortResult:
         return replace(moved, overrides=Overrides.between(kept_mask, moved.base_mask()))
 
     def class_views(self) -> ClassViews:
-        """The components as classes: members, counts, weights, mean scores and in-plane aligned averages."""
-        if isinstance(self.coefficients, Chunks):
-            raise ValueError("class views need the coefficients in this process; a sort on Dask keeps them on the "
-                             "workers")
+        """The components as classes: members, counts, weights, mean scores and in-plane aligned averages (for a
+        sort on Dask, computed on the workers that hold the coefficients: while its client is open)."""
         return class_views(self.model, self.final.parameters, self.basis, self.coefficients, self.scores)
 
     @property
@@ -322,7 +320,7 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
         shown: if given, the sort pauses after each RoundDone until ``shown`` is set (by a GUI, once it has
             drawn the round), so that drawing never competes with the sort for the CPU.
         with_classes: every RoundDone carries the components as classes (``RoundDone.classes``: members and
-            aligned averages; costs about one E-step over all images per round). Not with ``client``.
+            aligned averages; costs about one E-step over all images per round, on the workers with ``client``).
         client: a ``distributed.Client``: the images are read, preprocessed and expanded by its workers, which
             keep the coefficients and run the E-steps and the scores; the client runs the M-steps and keeps the
             kept mask (see :mod:`napari_ppcasort.core.distributed`). The workers must see the particle files at
@@ -338,9 +336,6 @@ def iter_sort(particles, settings=None, *, cancel=None, n_components_shown: int 
     particles = as_particle_set(particles)
     settings = as_settings(settings)
     cancelled = _cancel_check(cancel)
-    if client is not None and with_classes:
-        raise ValueError("with_classes needs the coefficients in this process; a sort on Dask (client) keeps them "
-                         "on the workers")
     check_sort(particles, settings)
     prepared = None
     completed = False

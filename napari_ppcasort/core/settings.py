@@ -309,9 +309,10 @@ def _refuse_unknown(values: dict) -> None:
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Where a sort runs: in this process (the default), on a Dask cluster of worker processes on this machine,
-    or on a running Dask scheduler's workers. They do not change the result (up to the summation order of the
-    EM's sums), so they are not part of SortSettings nor of a parameters.json."""
+    """Where and in what pieces a sort runs: in this process (the default), on a Dask cluster of worker processes
+    on this machine, or on a running Dask scheduler's workers; and how many particles each chunk of the EM (each
+    Dask task) holds. They do not change the result (up to the summation order of the EM's sums), so they are
+    not part of SortSettings nor of a parameters.json."""
 
     dask_workers: int | None = setting(
         None, minimum=1, label="Dask workers", none_means="sort in this process",
@@ -322,6 +323,13 @@ class ClusterSettings:
         help="sort on the workers of the running Dask scheduler at this address (tcp://host:8786, as 'dask scheduler' "
              "prints it, or the file its --scheduler-file wrote; or a dask-jobqueue cluster's): they must see the "
              "particle files at the same paths (needs the dask extra)")
+    chunk_size: int | None = setting(
+        None, minimum=1, label="chunk size", none_means="about 64 MB of float64 coefficients (28,053 particles at "
+                                                        "the default 299 coefficients)",
+        help="particles per chunk: the E-step and the scores work on one chunk at a time, and on Dask each chunk is "
+             "one task (read, expanded and kept by one worker); the kept set does not depend on it beyond the "
+             "summation order of the EM's sums. Smaller chunks use less memory per worker and spread the work over "
+             "more workers (a few chunks per worker), larger ones mean fewer tasks for the scheduler")
 
     def __post_init__(self):
         for declaration in CLUSTER_SETTINGS.values():
