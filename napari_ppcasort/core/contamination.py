@@ -43,6 +43,7 @@ import scipy.optimize
 
 from .chunks import Chunks
 from .mixture import DEFAULT_CHUNK_BYTES, EStep, kmeans_labels, logsumexp_rows
+from .tables import cached_tables
 from .steerable import _LOG_2PI, SteerableMixturePPCA, SteerableParameters, _Statistics
 
 __all__ = ["COMPONENT_KINDS", "ContaminationMixture", "ContaminationParameters", "JunkLogOdds", "BackgroundBands"]
@@ -119,6 +120,18 @@ class BackgroundBands:
     """
 
     def __init__(self, basis, layout, n_bands: int = N_BANDS):
+        key = {"box_size": basis.box_size, "radius": float(basis.radius), "truncation": basis.truncation,
+               "bandlimit": float(basis.bandlimit), "n_coefficients": int(basis.n_coefficients), "n_bands": n_bands}
+        tables = cached_tables("background-bands", key, lambda: self._tables(basis, layout, n_bands))
+        self.n_bands = n_bands
+        self.centres = tables["centres"]
+        self.zero = tables["zero"]
+        self.groups = [tables[f"group_{g}"] for g in range(len(layout.size_groups))]
+        self.gram = tables["gram"]
+
+    @staticmethod
+    def _tables(basis, layout, n_bands: int) -> dict[str, np.ndarray]:
+        """Compute the band centres, the blocks ``zero`` and ``group_<g>`` and ``gram`` (see the class docstring)."""
         box = basis.box_size
         images = basis.evaluate(np.eye(basis.n_coefficients, dtype=np.float32)).astype(np.float64)
         padded = 2 * box  # stationary noise is not periodic in the box: convolve on a canvas twice as large
@@ -131,10 +144,8 @@ class BackgroundBands:
         centres = np.linspace(0.0, k_max, n_bands)
         width = centres[1] - centres[0]
         flat = images.reshape(images.shape[0], -1)
-        self.n_bands = n_bands
-        self.centres = centres
-        self.zero = np.empty((n_bands, layout.zero_columns.size, layout.zero_columns.size))
-        self.groups = [np.empty((n_bands, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups]
+        zero_blocks = np.empty((n_bands, layout.zero_columns.size, layout.zero_columns.size))
+        groups = [np.empty((n_bands, *cos.shape, cos.shape[1]), dtype=np.complex128) for cos, _ in layout.size_groups]
         for band, centre in enumerate(centres):
             profile = np.clip(1.0 - np.abs(frequency - centre) / width, 0.0, 1.0)
             if band == n_bands - 1:
@@ -143,16 +154,19 @@ class BackgroundBands:
             covariance = flat @ filtered.reshape(filtered.shape[0], -1).T
             covariance = 0.5 * (covariance + covariance.T)
             zero = layout.zero_columns
-            self.zero[band] = covariance[np.ix_(zero, zero)]
+            zero_blocks[band] = covariance[np.ix_(zero, zero)]
             for g, (cos, sin) in enumerate(layout.size_groups):
                 for b in range(cos.shape[0]):
                     c, s = cos[b], sin[b]
                     a_part = 0.5 * (covariance[np.ix_(c, c)] + covariance[np.ix_(s, s)])
                     b_part = 0.5 * (covariance[np.ix_(s, c)] - covariance[np.ix_(c, s)])
-                    self.groups[g][band, b] = 2.0 * (a_part + 1j * b_part)
-        self.gram = np.einsum("lab,mba->lm", self.zero, self.zero)
-        for blocks in self.groups:
-            self.gram += 0.5 * np.einsum("lgab,mgba->lm", blocks, blocks).real
+                    groups[g][band, b] = 2.0 * (a_part + 1j * b_part)
+        gram = np.einsum("lab,mba->lm", zero_blocks, zero_blocks)
+        for blocks in groups:
+            gram += 0.5 * np.einsum("lgab,mgba->lm", blocks, blocks).real
+        tables = {"centres": centres, "zero": zero_blocks, "gram": gram}
+        tables.update({f"group_{g}": blocks for g, blocks in enumerate(groups)})
+        return tables
 
     def moments(self, zero_moments: np.ndarray, group_moments: list) -> np.ndarray:
         """(n_bands,) sum_i r_i y_i^T G_l y_i from one component's second moments (uncentred): ``zero_moments``

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-import scipy.stats
+import scipy.special
 
 __all__ = ["NoiseSpectrum", "estimate_noise_spectrum", "noise_levels", "spectral_noise_levels",
            "estimate_particle_radius"]
@@ -98,7 +98,7 @@ def estimate_noise_spectrum(images: np.ndarray, background_radius: float | None 
     ring_power = np.stack([np.bincount(rings.ravel(), (p * weights).ravel(), minlength=n_rings) for p in power])
     ring_power /= counts
     independent = np.maximum(counts / 2.0, 1.0)
-    bias = scipy.stats.gamma.median(independent) / independent
+    bias = scipy.special.gammaincinv(independent, 0.5) / independent  # the median of Gamma(independent), scaled
     estimate = np.median(ring_power, axis=0) / bias
     estimate[0] = estimate[1]
     # a bounded dynamic range: whitening amplifies no frequency more than 1/sqrt(WHITENING_RANGE) times the
