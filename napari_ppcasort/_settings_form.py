@@ -298,10 +298,9 @@ class SettingsForm(Container):
         if address is None:
             return None
         try:
-            ClusterSettings(dask_scheduler=address)
-            from .core.distributed import import_distributed
+            from .core.distributed import require_dask
 
-            import_distributed("dask_scheduler")
+            require_dask(ClusterSettings(dask_scheduler=address))
         except PPCASortError as error:
             raise ValueError(error.describe(widget_name)) from None
         return address

@@ -10,8 +10,12 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.errors import InputError, SettingsError, literal
+
+if TYPE_CHECKING:
+    from ..core.settings import ClusterSettings, Setting, SortSettings
 
 BAR_WIDTH = 16
 
@@ -85,11 +89,10 @@ def cluster_settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     installed."""
     from ..core.settings import CLUSTER_SETTINGS, ClusterSettings
 
-    cluster = ClusterSettings(**{name: getattr(args, name) for name in CLUSTER_SETTINGS if hasattr(args, name)})
-    if cluster.distributed:
-        from ..core.distributed import import_distributed
+    from ..core.distributed import require_dask
 
-        import_distributed("dask_workers" if cluster.dask_workers is not None else "dask_scheduler")
+    cluster = ClusterSettings(**{name: getattr(args, name) for name in CLUSTER_SETTINGS if hasattr(args, name)})
+    require_dask(cluster)
     return cluster
 
 

@@ -67,6 +67,7 @@ class _DiskMatrixBasis:
         # the flat indices of the disk pixels, found once: gathering them with np.take is about 8x faster than
         # indexing with the boolean mask, which looks for its True entries again in every chunk
         self.pixels = np.flatnonzero(self.mask.ravel())
+        self.background_pixels = np.flatnonzero(~self.mask.ravel())
         self._matrix: np.ndarray | None = None
 
     @property
@@ -588,9 +589,8 @@ class PCABasis(_DiskMatrixBasis):
     def _split(self, images) -> tuple[np.ndarray, np.ndarray]:
         """(c, n_pixels) disk pixels and (c,) background variances of a chunk of images."""
         images = as_image_stack(images, self.box_size)
-        flat = images.reshape(images.shape[0], -1)
-        background = np.flatnonzero(~self.mask.ravel())
-        return self._disk_pixels(images), np.take(flat, background, axis=1).var(axis=1, ddof=1, dtype=np.float64)
+        background = np.take(images.reshape(images.shape[0], -1), self.background_pixels, axis=1)
+        return self._disk_pixels(images), background.var(axis=1, ddof=1, dtype=np.float64)
 
 
 # -- streaming expansion ---------------------------------------------------------------------------------

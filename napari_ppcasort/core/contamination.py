@@ -268,7 +268,7 @@ class ContaminationMixture(SteerableMixturePPCA):
     def junk_columns(self) -> np.ndarray:
         """Columns of ``log_densities``/``predict_proba`` that are junk: the junk kinds, and the particle classes
         whose mean carries no particle (``junk_classes_``) with their outlier twins."""
-        return np.flatnonzero(_junk_components(self._kinds, tuple(np.flatnonzero(self.junk_classes_))))
+        return np.flatnonzero(_junk_components(self._kinds, np.flatnonzero(self.junk_classes_)))
 
     def _split(self, rows: np.ndarray) -> tuple[np.ndarray, list]:
         """A float64 chunk (c, L) as its N = 0 part (c, n_0) and complex blocks per size group [(g, c, s)]."""

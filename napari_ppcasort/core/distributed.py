@@ -55,6 +55,13 @@ def import_distributed(option: str = "dask_workers"):
     return distributed
 
 
+def require_dask(cluster) -> None:
+    """For a :class:`~napari_ppcasort.core.settings.ClusterSettings` that asks for Dask: a SettingsError naming the
+    setting that asks (``dask_workers``, else ``dask_scheduler``) and how to install Dask, when it is not."""
+    if cluster.distributed:
+        import_distributed("dask_workers" if cluster.dask_workers is not None else "dask_scheduler")
+
+
 @contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None, *, timeout: float | None = None,
                 worker_timeout: float = WORKER_WAIT_SECONDS):

@@ -44,13 +44,16 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mrcfile
 import numpy as np
 
 from .errors import InputError
 from .outputs import atomic_files, write_error, write_mrc_stack
+
+if TYPE_CHECKING:  # pandas is imported where a table is built, not with this module (start-up of the CLI)
+    import pandas as pd
 
 __all__ = ["ArrayParticleSet", "FORMATS", "PARTICLE_SUFFIXES", "ParticleFileError", "ParticleFormat", "ParticleSet",
            "open_particles", "write_particles", "write_subset", "subset_paths", "input_files"]

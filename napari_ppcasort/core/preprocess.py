@@ -17,7 +17,6 @@ import numpy as np
 import scipy.fft
 
 
-
 class BadImageError(ValueError):
     """An image cannot be processed (NaN or infinite pixels, constant background).
 
@@ -274,7 +273,7 @@ class Preprocessor:
         if self.ctf is not None:
             spectra *= self.ctf.signs(indices, box, self.output_pixel_size)
         if self.noise_normalize:
-            from .noise import spectral_noise_levels  # scipy.stats: imported by the first sort, not by the CLI's start
+            from .noise import spectral_noise_levels
 
             levels = spectral_noise_levels(spectra, box)
         else:
