@@ -98,8 +98,10 @@ def _reference_log_densities(model, rows):
     def class_log_density(a, inflation):
         variances = inflation * a**2 * (model.variances_ - sigma2[:, None]) + sigma2[:, None]
         squared = (projections - a * mean_projections[None]) ** 2
-        sq_dist = np.einsum("iml,iml->im", rows[:, None] - a * model.means_[None], rows[:, None] - a * model.means_[None])
-        mahalanobis = np.einsum("imk,mk->im", squared, 1.0 / variances) + np.maximum(sq_dist - squared.sum(axis=2), 0) / sigma2
+        centred = rows[:, None] - a * model.means_[None]
+        sq_dist = np.einsum("iml,iml->im", centred, centred)
+        residual = np.maximum(sq_dist - squared.sum(axis=2), 0) / sigma2
+        mahalanobis = np.einsum("imk,mk->im", squared, 1.0 / variances) + residual
         log_det = np.log(variances).sum(axis=1) + (n_features - k) * np.log(sigma2)
         return -0.5 * (n_features * log_2pi + log_det + mahalanobis)
 

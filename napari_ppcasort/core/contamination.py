@@ -62,7 +62,7 @@ N_BANDS = 10
 _LOG_PI = np.log(np.pi)
 #: Rows per pass of the background densities: the block-ordered rows and their whitened copies (2.4 MB at L = 299,
 #: J = 3) stay in cache, and every product of a pass stays below the size at which OpenBLAS starts a second thread
-#: (measured with benchmarks/bench_em.py --default against 512, 1024 and 2048).
+#: (measured against passes of 512 to 4,096 rows: docs/scaling.md).
 DENSITY_ROWS = 256
 
 
@@ -198,20 +198,13 @@ class BackgroundBands:
 
 
 class _Gaussian:
-    """A zero-mean rotation-invariant Gaussian given by its diagonal blocks, ready to evaluate log-densities.
-
-    Its whiteners act on rows laid out block by block (``SteerableLayout.block_order``), real: ``zero_whitener``
-    (n_0, n_0) and ``block_whiteners[g]`` (g, 2s, 2s), so that the Mahalanobis distance of a row is
-    0.5 |x_0 V_0|^2 + sum_b |[a_b | b_b] V_b|^2 (x_0 the N = 0 part, a_b and b_b the cos and sin columns of block b).
-    """
+    """A zero-mean rotation-invariant Gaussian given by its diagonal blocks, ready to evaluate log-densities: the
+    inverse Cholesky factors (whiteners) of its N = 0 block (n_0, n_0) and of its complex blocks [(g, s, s)], and its
+    log-normaliser (see :class:`_Backgrounds`)."""
 
     def __init__(self, zero: np.ndarray, groups: list):
-        self.zero_whitener = np.linalg.inv(np.linalg.cholesky(zero)).T
-        # u = W z of a complex block z = a + i b is, as a real row, [Re u | Im u] = [a | b] [[W_r^T, W_i^T], [-W_i^T, W_r^T]]
-        self.block_whiteners = []
-        for blocks in groups:
-            w_t = np.linalg.inv(np.linalg.cholesky(blocks)).transpose(0, 2, 1)
-            self.block_whiteners.append(np.block([[w_t.real, w_t.imag], [-w_t.imag, w_t.real]]))
+        self.zero_whitener = np.linalg.inv(np.linalg.cholesky(zero))
+        self.group_whiteners = [np.linalg.inv(np.linalg.cholesky(blocks)) for blocks in groups]
         # log det of the real covariance of the N = 0 block, and log det(pi C) of each complex block
         self.log_normaliser = (2 * np.log(np.diag(np.linalg.cholesky(zero))).sum() + zero.shape[0] * _LOG_2PI) / 2
         for blocks in groups:
@@ -219,20 +212,31 @@ class _Gaussian:
             self.log_normaliser += 2 * np.log(chol_diag).sum() + blocks.shape[0] * blocks.shape[1] * _LOG_PI
 
 
+def _real_whiteners(whiteners: np.ndarray) -> np.ndarray:
+    """(g, 2s, 2s) real forms V of complex block whiteners W (g, s, s), for rows laid out block by block: the
+    whitened block u = W z of z = a + i b is, as a real row, [Re u | Im u] = [a | b] V with
+    V = [[W_r^T, W_i^T], [-W_i^T, W_r^T]]."""
+    w_t = whiteners.transpose(0, 2, 1)
+    return np.block([[w_t.real, w_t.imag], [-w_t.imag, w_t.real]])
+
+
 class _Backgrounds:
     """The log-densities of J :class:`_Gaussian` side by side: one product per size group of blocks, all J at once.
 
-    The whitened coefficients of every Gaussian go into one (r, width) buffer, j by j within the N = 0 part and
-    within each block; its squares summed per Gaussian (one product with ``totals`` (width, J), which also holds
-    the 1/2 of the real N = 0 part) are the Mahalanobis distances.
+    On rows laid out block by block (``SteerableLayout.block_order``), the Mahalanobis distance of a row under one
+    Gaussian is 0.5 |x_0 W_0^T|^2 + sum_b |[a_b | b_b] V_b|^2 (x_0 the N = 0 part, a_b and b_b the cos and sin
+    columns of block b, V_b its real whitener, :func:`_real_whiteners`). The whitened coefficients of every Gaussian
+    go into one (r, width) buffer, j by j within the N = 0 part and within each block; its squares summed per
+    Gaussian (one product with ``totals`` (width, J), which also holds the 1/2 of the real N = 0 part) are the
+    Mahalanobis distances.
     """
 
     def __init__(self, gaussians: list, layout):
         count = len(gaussians)
         n_zero = layout.zero_columns.size
-        self.zero = np.concatenate([g.zero_whitener for g in gaussians], axis=1)  # (n_0, J n_0)
-        self.groups = [np.concatenate(whiteners, axis=2)  # (g, 2s, J 2s)
-                       for whiteners in zip(*(g.block_whiteners for g in gaussians))]
+        self.zero = np.concatenate([g.zero_whitener.T for g in gaussians], axis=1)  # (n_0, J n_0)
+        self.groups = [np.concatenate([_real_whiteners(w) for w in whiteners], axis=2)  # (g, 2s, J 2s)
+                       for whiteners in zip(*(g.group_whiteners for g in gaussians))]
         self.order, self.offsets = layout.block_order, layout.group_offsets
         self.log_normalisers = np.array([g.log_normaliser for g in gaussians])
         owner = [np.repeat(np.arange(count), n_zero)]
