@@ -21,6 +21,16 @@ fresh folder, removed afterwards) in a fresh subprocess, and prints the peak res
 initialisation, the EM iterations and the scores; export), read from the kernel's high-water mark, which is reset
 at each phase, and the process's peak against the size of its (N, L) float32 coefficients.
 
+With ``--floor`` it instead sorts the stack with the default settings (the default sort: ``--stop junk-left``), in
+one process, ``--repeats`` times, each in a fresh subprocess, and prints the sort's wall time (no output written) and
+its parts (start: preparation, expansion and initialisation, up to SortStarted; the EM iterations; the scoring and
+pruning of the rounds) against a floor measured in the same process (the issue 15 target: within 2.5x):
+reading the stack, one float32 expansion product (N x P) @ (P x L) (P pixels in the mask circle), and for each EM
+iteration of the sort one float64 product (n x L) @ (L x MK) of the coefficients it ran on with all subspace axes.
+The floor is timed before and after the sort, and the mean of the two taken (the machine may be shared).
+
+    python benchmarks/bench_scale.py --floor --n 60000           # the default sort against its floor
+
 Nothing is asserted: the figures are printed (see docs/scaling.md).
 """
 
@@ -169,6 +179,73 @@ def measure_rss(stack: Path, folder: Path) -> dict:
     return out
 
 
+def _product_time(rows: int, left: np.ndarray, right: np.ndarray) -> float:
+    """Seconds of the product of ``rows`` rows shaped as ``left`` (its rows taken again and again) with ``right``."""
+    started = time.perf_counter()
+    for start in range(0, rows, left.shape[0]):
+        left[: min(left.shape[0], rows - start)] @ right
+    return time.perf_counter() - started
+
+
+def floor_time(particles, basis, n_dims: int, n_components: int, iteration_rows: list[int]) -> dict:
+    """The floor of a sort of ``particles`` (seconds): reading every image, one expansion product, and one product of
+    the coefficients with all subspace axes for each EM iteration (on ``iteration_rows`` rows each)."""
+    started = time.perf_counter()
+    for _ in particles.iter_chunks():
+        pass
+    read_s = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((8192, basis.matrix.shape[0]), dtype=np.float32)
+    expansion_s = _product_time(particles.n_particles, pixels, basis.matrix)
+    coefficients = rng.standard_normal((8192, basis.n_coefficients))
+    axes = rng.standard_normal((basis.n_coefficients, n_components * n_dims))
+    em_s = sum(_product_time(rows, coefficients, axes) for rows in iteration_rows)
+    return {"read_s": read_s, "expansion_s": expansion_s, "em_gemms_s": em_s, "floor_s": read_s + expansion_s + em_s}
+
+
+def measure_floor(stack: Path) -> dict:
+    """The default sort of ``stack`` in this process against its floor (see the module docstring)."""
+    from napari_ppcasort import (IterationDone, RoundDone, SortFinished, SortSettings, SortStarted, iter_sort,
+                                 open_particles)
+
+    settings = SortSettings()
+    with open_particles(stack) as particles:
+        iteration_rows, iteration_s, scores_s = [], [], 0.0
+        started = time.perf_counter()
+        for event in iter_sort(particles, settings):
+            if isinstance(event, SortStarted):
+                start_s = time.perf_counter() - started  # the preparation, the expansion and the initialisation
+            elif isinstance(event, IterationDone):
+                iteration_rows.append(event.n_kept)
+                iteration_s.append(event.finished - event.started)
+                last_iteration = event.finished
+            elif isinstance(event, RoundDone):
+                scores_s += time.monotonic() - last_iteration  # scoring the round's images, and the pruning
+            elif isinstance(event, SortFinished):
+                result = event.result
+        wall_s = time.perf_counter() - started
+        floors = [floor_time(particles, result.basis, settings.subspace_dimension, settings.n_subspaces,
+                             iteration_rows) for _ in range(2)]
+    floor = {key: float(np.mean([f[key] for f in floors])) for key in floors[0]}
+    return {"n": particles.n_particles, "wall_s": wall_s, "start_s": start_s, **floor, "ratio": wall_s / floor["floor_s"],
+            "n_iterations": len(iteration_rows), "n_kept": result.n_kept, "em_s": float(np.sum(iteration_s)),
+            "scores_s": scores_s}
+
+
+def main_floor(stack: Path, repeats: int) -> None:
+    print(f"{'wall (s)':>8} {'start (s)':>9} {'EM (s)':>6} {'scores (s)':>10} {'floor (s)':>9} {'read':>6} {'expand':>6} "
+          f"{'EM GEMMs':>8} {'ratio':>6} {'iters':>5} {'kept':>7}")
+    ratios = []
+    for _ in range(repeats):
+        line = subprocess.run([sys.executable, __file__, "--floor-one", str(stack)], check=True, capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1]
+        r = json.loads(line)
+        ratios.append(r["ratio"])
+        print(f"{r['wall_s']:>8.1f} {r['start_s']:>9.1f} {r['em_s']:>6.1f} {r['scores_s']:>10.2f} {r['floor_s']:>9.2f} {r['read_s']:>6.2f} {r['expansion_s']:>6.2f} "
+              f"{r['em_gemms_s']:>8.2f} {r['ratio']:>6.2f} {r['n_iterations']:>5} {r['n_kept']:>7}", flush=True)
+    print(f"median ratio of the default sort of {r['n']:,} images to its floor: {np.median(ratios):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=240000, help="images in the stack [240000]")
@@ -178,11 +255,18 @@ def main() -> None:
                         help="'local' and/or numbers of workers [local 1 2]")
     parser.add_argument("--rss", action="store_true",
                         help="measure the peak memory of a whole sort and its export in one process instead")
+    parser.add_argument("--floor", action="store_true",
+                        help="the default sort in one process against its floor instead (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="sorts with --floor, each in a fresh process [3]")
     parser.add_argument("--one", nargs=2, metavar=("STACK", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--floor-one", metavar="STACK", help=argparse.SUPPRESS)
     parser.add_argument("--rss-one", nargs=2, metavar=("STACK", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(Path(args.one[0]), args.one[1])))
+        return
+    if args.floor_one:
+        print(json.dumps(measure_floor(Path(args.floor_one))))
         return
     if args.rss_one:
         print(json.dumps(measure_rss(Path(args.rss_one[0]), Path(args.rss_one[1]))))
@@ -194,6 +278,9 @@ def main() -> None:
         write_stack(stack, args.n)
         print(f"wrote {stack} ({stack.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s",
               flush=True)
+    if args.floor:
+        main_floor(stack, args.repeats)
+        return
     if args.rss:
         line = subprocess.run([sys.executable, __file__, "--rss-one", str(stack), str(args.folder / "rss-out")],
                               check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

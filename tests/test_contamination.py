@@ -7,7 +7,8 @@ from scipy.stats import multivariate_normal
 from napari_ppcasort import SortSettings, open_particles, sort_particles
 from napari_ppcasort.core.bases import PSWFBasis
 from napari_ppcasort.core.classes import JUNK_CLASS, component_kinds
-from napari_ppcasort.core.contamination import BackgroundBands, ContaminationMixture, _Gaussian, empty_classes
+from napari_ppcasort.core.contamination import (BackgroundBands, ContaminationMixture, _Backgrounds, _Gaussian,
+                                                 empty_classes)
 from napari_ppcasort.core.micrograph import simulate_picked_stack
 from napari_ppcasort.core.models import junk_probability
 from napari_ppcasort.core.simulate import LABEL_NAMES, PARTICLE, write_simulated
@@ -58,10 +59,9 @@ def test_block_gaussian_density_matches_the_real_gaussian(small_basis):
             covariance[np.ix_(s, c)] = block.imag / 2
             covariance[np.ix_(c, s)] = -block.imag / 2
     rows = rng.multivariate_normal(np.zeros(layout.n_features), covariance, size=5)
-    model = ContaminationMixture.__new__(ContaminationMixture)
-    model.layout = layout
-    density = _Gaussian(zero, groups).log_density(*model._split(rows))
-    np.testing.assert_allclose(density, multivariate_normal(np.zeros(layout.n_features), covariance).logpdf(rows),
+    density = np.empty((rows.shape[0], 1))
+    _Backgrounds([_Gaussian(zero, groups)], layout).log_densities(rows, density)
+    np.testing.assert_allclose(density[:, 0], multivariate_normal(np.zeros(layout.n_features), covariance).logpdf(rows),
                                rtol=1e-8)
 
 
@@ -82,6 +82,70 @@ def test_particle_class_density_with_amplitudes_matches_the_gaussian_mixture(sma
     # the columns are the components, in the order of component_kinds_
     assert log_dens.shape[1] == len(model.component_kinds_)
     assert model.component_kinds_.count("particle") == 2 and "noise" in model.component_kinds_
+
+
+def _reference_log_densities(model, rows):
+    """The contamination model's log-densities and amplitude moments computed the plain way: every amplitude and
+    inflation on its own (c, M, K) arrays, each background as a complex Gaussian from its covariance blocks."""
+    m_count, k, n_features = model.axes_.shape
+    kinds = np.array(model.component_kinds_)
+    log_2pi = np.log(2 * np.pi)
+    projections = np.einsum("il,mkl->imk", rows, model.axes_)
+    squared_norm = np.einsum("ij,ij->i", rows, rows)
+    mean_projections = np.einsum("mkl,ml->mk", model.axes_, model.means_)
+    sigma2 = model.noise_variance_
+
+    def class_log_density(a, inflation):
+        variances = inflation * a**2 * (model.variances_ - sigma2[:, None]) + sigma2[:, None]
+        squared = (projections - a * mean_projections[None]) ** 2
+        centred = rows[:, None] - a * model.means_[None]
+        sq_dist = np.einsum("iml,iml->im", centred, centred)
+        residual = np.maximum(sq_dist - squared.sum(axis=2), 0) / sigma2
+        mahalanobis = np.einsum("imk,mk->im", squared, 1.0 / variances) + residual
+        log_det = np.log(variances).sum(axis=1) + (n_features - k) * np.log(sigma2)
+        return -0.5 * (n_features * log_2pi + log_det + mahalanobis)
+
+    out = np.empty((rows.shape[0], kinds.size))
+    inflations = [1.0] + ([model.outlier_inflation] if model.outlier_inflation else [])
+    for inflation, kind in zip(inflations, ("particle", "outlier")):
+        per_amplitude = np.stack([class_log_density(a, inflation) for a in model.amplitudes])
+        out[:, kinds == kind] = np.logaddexp.reduce(per_amplitude, axis=0) - np.log(model.amplitudes.size)
+        if kind == "particle":
+            posterior = np.exp(per_amplitude - np.logaddexp.reduce(per_amplitude, axis=0))
+            moments = [np.einsum("aim,a->im", posterior, model.amplitudes**p) for p in (1, 2)]
+    out[:, kinds == "noise"] = (-0.5 * squared_norm / model.empty_variance_ - model._noise_log_normaliser)[:, None]
+    layout = model.layout
+    for column, theta in zip(np.flatnonzero(kinds == "background"), model.background_spectra_):
+        zero, groups = model.bands.covariances(theta, model.empty_variance_)
+        x = rows[:, layout.zero_columns]
+        log_density = -0.5 * np.einsum("ia,ab,ib->i", x, np.linalg.inv(zero), x) - 0.5 * (
+            np.linalg.slogdet(zero)[1] + x.shape[1] * log_2pi)
+        for (cos, sin), blocks in zip(layout.size_groups, groups):
+            z = rows[:, cos] + 1j * rows[:, sin]  # (c, g, s), circular: density pi^-s det(C)^-1 exp(-z^H C^-1 z)
+            log_density -= np.einsum("iga,gab,igb->i", z.conj(), np.linalg.inv(blocks), z).real + np.sum(
+                np.linalg.slogdet(blocks)[1] + blocks.shape[1] * np.log(np.pi))
+        out[:, column] = log_density
+    return out + np.log(model.component_weights_), moments
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"n_components": 3, "n_dims": 6, "amplitudes": (0.8, 1.0, 1.2)},
+    {"n_components": 1, "n_dims": 5, "outlier_inflation": None, "n_background": 0, "amplitudes": (0.9, 1.1)},
+])
+def test_log_densities_equal_the_plain_computation(small_basis, options):
+    # more rows than a pass of the background densities (DENSITY_ROWS), structured so that the classes differ
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((700, small_basis.n_coefficients)) * np.linspace(3.0, 0.5, small_basis.n_coefficients)
+    data[::3] *= 2.0
+    model = ContaminationMixture(small_basis, **{"n_components": 2, "n_dims": 4, **options}).initialize(data)
+    model.step(data)
+    log_dens, moments = model._log_densities(data, amplitude_moments=True)
+    expected, expected_moments = _reference_log_densities(model, data)
+    np.testing.assert_allclose(log_dens, expected, rtol=1e-10)
+    for got, want in zip(moments, expected_moments):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.log_densities(data), log_dens, rtol=1e-12)
 
 
 def test_a_class_whose_mean_carries_no_particle_is_junk():

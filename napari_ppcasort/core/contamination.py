@@ -60,6 +60,10 @@ MIN_MEAN_ENERGY_FRACTION = 0.25
 #: Spatial-frequency bands of the background spectra.
 N_BANDS = 10
 _LOG_PI = np.log(np.pi)
+#: Rows per pass of the background densities: the block-ordered rows and their whitened copies (2.4 MB at L = 299,
+#: J = 3) stay in cache, and every product of a pass stays below the size at which OpenBLAS starts a second thread
+#: (measured against passes of 512 to 4,096 rows: docs/scaling.md).
+DENSITY_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,9 @@ class BackgroundBands:
 
 
 class _Gaussian:
-    """A zero-mean rotation-invariant Gaussian given by its diagonal blocks, ready to evaluate log-densities."""
+    """A zero-mean rotation-invariant Gaussian given by its diagonal blocks, ready to evaluate log-densities: the
+    inverse Cholesky factors (whiteners) of its N = 0 block (n_0, n_0) and of its complex blocks [(g, s, s)], and its
+    log-normaliser (see :class:`_Backgrounds`)."""
 
     def __init__(self, zero: np.ndarray, groups: list):
         self.zero_whitener = np.linalg.inv(np.linalg.cholesky(zero))
@@ -205,13 +211,151 @@ class _Gaussian:
             chol_diag = np.abs(np.diagonal(np.linalg.cholesky(blocks), axis1=1, axis2=2))
             self.log_normaliser += 2 * np.log(chol_diag).sum() + blocks.shape[0] * blocks.shape[1] * _LOG_PI
 
-    def log_density(self, zero: np.ndarray, blocks: list) -> np.ndarray:
-        """log N(y | 0, S) of a chunk given as its N = 0 part (c, n_0) and complex blocks [(g, c, s)]."""
-        mahalanobis = 0.5 * np.einsum("ca,ca->c", *(2 * [zero @ self.zero_whitener.T]))
-        for z, whitener in zip(blocks, self.group_whiteners):
-            u = np.matmul(z, whitener.transpose(0, 2, 1))  # (g, c, s)
-            mahalanobis += np.einsum("gcs,gcs->c", u.real, u.real) + np.einsum("gcs,gcs->c", u.imag, u.imag)
-        return -self.log_normaliser - mahalanobis
+
+def _real_whiteners(whiteners: np.ndarray) -> np.ndarray:
+    """(g, 2s, 2s) real forms V of complex block whiteners W (g, s, s), for rows laid out block by block: the
+    whitened block u = W z of z = a + i b is, as a real row, [Re u | Im u] = [a | b] V with
+    V = [[W_r^T, W_i^T], [-W_i^T, W_r^T]]."""
+    w_t = whiteners.transpose(0, 2, 1)
+    return np.block([[w_t.real, w_t.imag], [-w_t.imag, w_t.real]])
+
+
+class _Backgrounds:
+    """The log-densities of J :class:`_Gaussian` side by side: one product per size group of blocks, all J at once.
+
+    On rows laid out block by block (``SteerableLayout.block_order``), the Mahalanobis distance of a row under one
+    Gaussian is 0.5 |x_0 W_0^T|^2 + sum_b |[a_b | b_b] V_b|^2 (x_0 the N = 0 part, a_b and b_b the cos and sin
+    columns of block b, V_b its real whitener, :func:`_real_whiteners`). The whitened coefficients of every Gaussian
+    go into one (r, width) buffer, j by j within the N = 0 part and within each block; its squares summed per
+    Gaussian (one product with ``totals`` (width, J), which also holds the 1/2 of the real N = 0 part) are the
+    Mahalanobis distances.
+    """
+
+    def __init__(self, gaussians: list, layout):
+        count = len(gaussians)
+        n_zero = layout.zero_columns.size
+        self.zero = np.concatenate([g.zero_whitener.T for g in gaussians], axis=1)  # (n_0, J n_0)
+        self.groups = [np.concatenate([_real_whiteners(w) for w in whiteners], axis=2)  # (g, 2s, J 2s)
+                       for whiteners in zip(*(g.group_whiteners for g in gaussians))]
+        self.order, self.offsets = layout.block_order, layout.group_offsets
+        self.log_normalisers = np.array([g.log_normaliser for g in gaussians])
+        owner = [np.repeat(np.arange(count), n_zero)]
+        weight = [np.full(count * n_zero, 0.5)]
+        for whiteners in self.groups:
+            n_blocks, width = whiteners.shape[:2]
+            owner.append(np.tile(np.repeat(np.arange(count), width), n_blocks))
+            weight.append(np.ones(n_blocks * count * width))
+        owner, weight = np.concatenate(owner), np.concatenate(weight)
+        self.totals = np.zeros((owner.size, count))
+        self.totals[np.arange(owner.size), owner] = weight
+        self.n_zero = n_zero
+
+    def log_densities(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """log N_j(y) of a float64 chunk ``rows`` (c, L) into ``out`` (c, J).
+
+        The rows go in passes of DENSITY_ROWS, laid out block by block into one reused buffer; every product of a
+        pass is small enough that a BLAS library runs it on one thread (on a loaded machine, waking a second thread
+        for each of many small products costs more than the products).
+        """
+        order = self.order
+        pass_rows = min(DENSITY_ROWS, rows.shape[0])
+        ordered_buffer = np.empty((pass_rows, order.size))
+        whitened_buffer = np.empty((pass_rows, self.totals.shape[0]))
+        for start in range(0, rows.shape[0], DENSITY_ROWS):
+            stop = min(start + DENSITY_ROWS, rows.shape[0])
+            ordered = np.take(rows[start:stop], order, axis=1, out=ordered_buffer[: stop - start], mode="clip")
+            whitened = whitened_buffer[: stop - start]
+            np.matmul(ordered[:, : self.n_zero], self.zero, out=whitened[:, : self.zero.shape[1]])
+            column = self.zero.shape[1]
+            for whiteners, offset in zip(self.groups, self.offsets):
+                n_blocks, width, out_width = whiteners.shape
+                blocks = ordered[:, offset : offset + n_blocks * width].reshape(-1, n_blocks, width).transpose(1, 0, 2)
+                target = whitened[:, column : column + n_blocks * out_width].reshape(-1, n_blocks, out_width)
+                np.matmul(blocks, whiteners, out=target.transpose(1, 0, 2))
+                column += n_blocks * out_width
+            np.square(whitened, out=whitened)
+            np.matmul(whitened, self.totals, out=out[start:stop])
+        np.subtract(-self.log_normalisers, out, out=out)
+
+
+class _ClassDensities:
+    """The log-densities of the particle classes and their outlier twins, at every amplitude, from one projection.
+
+    For a class m, amplitude a and inflation eta (1 for the class, eta for its twin) the density is
+    N(y | a mu, eta a^2 (C - sigma^2 I) + sigma^2 I). With p = A y the projections of y on the class's K axes
+    (rows of A), q = A mu and v_k = eta a^2 (lambda_k - sigma^2) + sigma^2 its variances, the Mahalanobis distance
+    is sum_k (p_k - a q_k)^2 / v_k + max(D_a, 0) / sigma^2, the residual off the subspace being
+    D_a = |y|^2 - sum_k p_k^2 + 2 a (sum_k p_k q_k - y . mu) + a^2 (|mu|^2 - |q|^2). Both are linear in
+    x = [p^2 | p | y . mu] (per class), so after one product with the axes and means, ``forms`` gives every
+    amplitude and inflation at once: columns (eta, a, m) of sum_k p_k^2 / v_k - 2 a sum_k p_k q_k / v_k, then
+    sum_k p_k^2 (m) and sum_k p_k q_k - y . mu (m).
+    """
+
+    def __init__(self, model: "ContaminationMixture"):
+        means, axes, variances, sigma2 = model.means_, model.axes_, model.variances_, model.noise_variance_
+        m_count, k, n_features = axes.shape
+        amplitudes = model.amplitudes
+        inflations = (1.0, model.outlier_inflation) if model.outlier_inflation else (1.0,)
+        mk = m_count * k
+        self.projector = np.concatenate([axes.reshape(mk, n_features), means]).T.copy()  # (L, MK + M)
+        mean_projections = np.einsum("mkl,ml->mk", axes, means)  # (M, K)
+        classes, dims = np.repeat(np.arange(m_count), k), np.arange(mk)
+        forms = np.zeros((2 * mk + m_count, len(inflations), amplitudes.size, m_count))
+        constants = np.empty((len(inflations), amplitudes.size, m_count))
+        for e, inflation in enumerate(inflations):
+            for i, a in enumerate(amplitudes):
+                variance = inflation * a**2 * (variances - sigma2[:, None]) + sigma2[:, None]  # (M, K)
+                forms[dims, e, i, classes] = 1.0 / variance.ravel()
+                forms[mk + dims, e, i, classes] = (-2.0 * a * mean_projections / variance).ravel()
+                log_det = np.log(variance).sum(axis=1) + (n_features - k) * np.log(sigma2)
+                quadratic = a**2 * np.sum(mean_projections**2 / variance, axis=1)
+                constants[e, i] = -0.5 * (n_features * _LOG_2PI + log_det + quadratic)
+        residual_forms = np.zeros((2 * mk + m_count, 2, m_count))
+        residual_forms[dims, 0, classes] = 1.0
+        residual_forms[mk + dims, 1, classes] = mean_projections.ravel()
+        residual_forms[2 * mk + np.arange(m_count), 1, np.arange(m_count)] = -1.0
+        self.forms = np.concatenate([forms.reshape(2 * mk + m_count, -1), residual_forms.reshape(2 * mk + m_count, -1)],
+                                    axis=1)
+        self.constants = constants
+        self.amplitudes = amplitudes
+        self.twice_amplitudes = (2.0 * amplitudes)[:, None]  # (n_a, 1)
+        self.residual_constants = np.outer(amplitudes**2, np.einsum("ml,ml->m", means, means)
+                                           - np.einsum("mk,mk->m", mean_projections, mean_projections))  # (n_a, M)
+        self.residual_scale = -0.5 / sigma2
+        self.shape = (len(inflations), amplitudes.size, m_count)
+
+    def log_densities(self, rows: np.ndarray, squared_norms: np.ndarray, out: np.ndarray,
+                      moments: tuple | None) -> None:
+        """log N of a float64 chunk ``rows`` (c, L) (``squared_norms`` (c,) = |y|^2) for every class and inflation,
+        averaged over the amplitudes, into ``out`` (c, n_eta M): the classes, then their twins; with ``moments``
+        ((c, M), (c, M)) also the posterior E[a] and E[a^2] of each image in each class."""
+        n_rows = rows.shape[0]
+        n_inflations, n_amplitudes, m_count = self.shape
+        mk = self.projector.shape[1] - m_count
+        products = np.empty((n_rows, mk + self.projector.shape[1]))
+        np.matmul(rows, self.projector, out=products[:, mk:])
+        np.square(products[:, mk : 2 * mk], out=products[:, :mk])
+        forms = products @ self.forms
+        per_amplitude = forms[:, : -2 * m_count].reshape(n_rows, *self.shape)  # (c, n_eta, n_a, M)
+        in_subspace, cross = forms[:, -2 * m_count : -m_count], forms[:, -m_count:]
+        residual = cross[:, None, :] * self.twice_amplitudes  # (c, n_a, M)
+        residual += (squared_norms[:, None] - in_subspace)[:, None, :]
+        residual += self.residual_constants
+        np.maximum(residual, 0.0, out=residual)
+        residual *= self.residual_scale
+        per_amplitude *= -0.5
+        per_amplitude += self.constants
+        per_amplitude += residual[:, None]
+        # the mean over the amplitudes, in the log domain; exp(per_amplitude) / total is then the amplitude posterior
+        peak = per_amplitude.max(axis=2)  # (c, n_eta, M)
+        per_amplitude -= peak[:, :, None]
+        np.exp(per_amplitude, out=per_amplitude)
+        total = per_amplitude.sum(axis=2)
+        out[:] = (np.log(total) + peak - np.log(n_amplitudes)).reshape(n_rows, -1)
+        if moments is not None:
+            posterior = per_amplitude[:, 0] / total[:, 0, None]  # (c, n_a, M)
+            np.einsum("ram,a->rm", posterior, self.amplitudes, out=moments[0])
+            np.einsum("ram,a->rm", posterior, self.amplitudes**2, out=moments[1])
 
 
 class ContaminationMixture(SteerableMixturePPCA):
@@ -269,13 +413,6 @@ class ContaminationMixture(SteerableMixturePPCA):
         """Columns of ``log_densities``/``predict_proba`` that are junk: the junk kinds, and the particle classes
         whose mean carries no particle (``junk_classes_``) with their outlier twins."""
         return np.flatnonzero(_junk_components(self._kinds, np.flatnonzero(self.junk_classes_)))
-
-    def _split(self, rows: np.ndarray) -> tuple[np.ndarray, list]:
-        """A float64 chunk (c, L) as its N = 0 part (c, n_0) and complex blocks per size group [(g, c, s)]."""
-        layout = self.layout
-        zero = rows[:, layout.zero_columns]
-        blocks = [(rows[:, cos] + 1j * rows[:, sin]).transpose(1, 0, 2) for cos, sin in layout.size_groups]
-        return zero, blocks
 
     # ------------------------------------------------------------------ initialisation
     def _initialize_from_sample(self, sample: np.ndarray, rng: np.random.Generator) -> None:
@@ -415,53 +552,23 @@ class ContaminationMixture(SteerableMixturePPCA):
         each particle class.
 
         A particle class's density is the mean over the amplitude grid of N(y | a mu_m, a^2 (C_m - sigma^2 I) +
-        sigma^2 I): the class's signal at amplitude a, with the noise unchanged.
+        sigma^2 I): the class's signal at amplitude a, with the noise unchanged (:class:`_ClassDensities`: two products
+        over the whole chunk). The background components' densities (:class:`_Backgrounds`) take the chunk in passes
+        of DENSITY_ROWS rows laid out block by block into one reused buffer.
         """
-        m_count, k = self.n_components, self.n_dims
-        n_features = rows.shape[1]
-        kinds = self._kinds
-        out = np.empty((rows.shape[0], kinds.size))
-        log_weights = np.log(self.component_weights_)
-        projections = (rows @ self.axes_.reshape(m_count * k, n_features).T).reshape(-1, m_count, k)
-        squared_norm = np.einsum("ij,ij->i", rows, rows)
-        data_on_means = rows @ self.means_.T  # (c, M)
-        mean_norms = np.einsum("ml,ml->m", self.means_, self.means_)
-        mean_projections = np.einsum("mkl,ml->mk", self.axes_, self.means_)  # (M, K)
-        sigma2 = self.noise_variance_
-
-        def class_log_density(amplitude, variances, residual_variance):
-            centred = projections - amplitude * mean_projections[None]
-            squared = centred**2
-            sq_dist = squared_norm[:, None] - 2.0 * amplitude * data_on_means + amplitude**2 * mean_norms[None]
-            residual = np.maximum(sq_dist - squared.sum(axis=2), 0.0) / residual_variance[None]
-            mahalanobis = np.einsum("imk,mk->im", squared, 1.0 / variances) + residual
-            log_det = np.log(variances).sum(axis=1) + (n_features - k) * np.log(residual_variance)
-            return -0.5 * (n_features * _LOG_2PI + log_det[None] + mahalanobis)
-
-        def amplitude_mixture(inflation):
-            # amplitude a: signal a^2 (lambda - sigma^2) along the axes (inflated for an outlier), plus the noise
-            per_amplitude = np.stack([
-                class_log_density(a, inflation * a**2 * (self.variances_ - sigma2[:, None]) + sigma2[:, None],
-                                  sigma2)
-                for a in self.amplitudes])  # (n_a, c, M)
-            total = logsumexp_rows(per_amplitude.transpose(1, 2, 0).reshape(-1, self.amplitudes.size))
-            return per_amplitude, total.reshape(-1, m_count) - np.log(self.amplitudes.size)
-
-        per_amplitude, particle_log = amplitude_mixture(1.0)
-        out[:, kinds == "particle"] = particle_log
-        if self.outlier_inflation:
-            out[:, kinds == "outlier"] = amplitude_mixture(self.outlier_inflation)[1]
-        out[:, kinds == "noise"] = (-0.5 * squared_norm / self.empty_variance_ - self._noise_log_normaliser)[:, None]
+        n_rows = rows.shape[0]
+        classes = _ClassDensities(self)
+        n_classes = classes.shape[0] * classes.shape[2]  # the particle classes, then their outlier twins
+        out = np.empty((n_rows, len(self.component_kinds_)))
+        moments = (np.empty((n_rows, self.n_components)), np.empty((n_rows, self.n_components))) \
+            if amplitude_moments else None
+        squared_norms = np.einsum("ij,ij->i", rows, rows)
+        classes.log_densities(rows, squared_norms, out[:, :n_classes], moments)
+        out[:, n_classes] = -0.5 * squared_norms / self.empty_variance_ - self._noise_log_normaliser
         if self.n_background:
-            zero, blocks = self._split(rows)
-            for column, gaussian in zip(np.flatnonzero(kinds == "background"), self._backgrounds):
-                out[:, column] = gaussian.log_density(zero, blocks)
-        out += log_weights[None]
-        if not amplitude_moments:
-            return out
-        posterior = np.exp(per_amplitude - particle_log[None]) / self.amplitudes.size  # (n_a, c, M), sums to 1 over a
-        grid = self.amplitudes[:, None, None]
-        return out, (np.sum(posterior * grid, axis=0), np.sum(posterior * grid**2, axis=0))
+            _Backgrounds(self._backgrounds, self.layout).log_densities(rows, out[:, n_classes + 1 :])
+        out += np.log(self.component_weights_)
+        return (out, moments) if amplitude_moments else out
 
     def log_densities(self, data) -> np.ndarray:
         """log pi_c + log N_c(y_i) for each row of ``data`` (N, L) and every component, shape (N, C)."""
