@@ -16,6 +16,7 @@ import napari_ppcasort.core.simulate as simulate_module
 from napari_ppcasort.core.micrograph import (
     DEFAULT_JUNK_MIX,
     JUNK_CLASSES,
+    MICROGRAPH_BOXES,
     noise_power_spectrum,
     simulate_picked_stack,
     voxel_size_for_diameter,
@@ -453,6 +454,14 @@ def test_written_files_carry_the_pick_truth(stack, tmp_path):
     assert particles["rlnMicrographName"].nunique() == len(stack.micrographs)
     labels = pd.read_csv(paths["labels"])
     assert list(labels["label_name"]) == [LABEL_NAMES[code] for code in stack.labels]
+
+
+def test_default_micrographs_grow_with_the_box(volumes):
+    """Without a micrograph size the micrographs are MICROGRAPH_BOXES boxes across: the default number of picks per
+    micrograph fits large boxes too (a 128-px box on a fixed 1,024-px micrograph was refused)."""
+    stack = simulate_picked_stack(24, **volumes, box_size=128, junk_fraction=0.5, random_state=3, keep_micrographs=True)
+    assert stack.images.shape == (24, 128, 128)
+    assert {micrograph.image.shape for micrograph in stack.micrographs} == {(MICROGRAPH_BOXES * 128,) * 2}
 
 
 @pytest.mark.parametrize(

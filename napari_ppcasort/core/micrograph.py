@@ -88,7 +88,9 @@ DEFAULT_JUNK_MIX = {"off_centre": 0.2, "aggregate": 0.15, "ice": 0.25, "carbon":
 DEFAULT_BOX_SIZE = 64
 # Without an explicit pixel size, the largest particle's diameter is this fraction of the box.
 PARTICLE_BOX_FRACTION = 0.6
-DEFAULT_MICROGRAPH_SIZE = 1024
+#: Without an explicit micrograph size, micrographs are this many boxes across (1,024 px for 64-px boxes), so that
+#: the default number of picks per micrograph fits every box size.
+MICROGRAPH_BOXES = 16
 DEFAULT_PICKS_PER_MICROGRAPH = 120
 DEFAULT_SNR = 1 / 20
 DEFAULT_JUNK_FRACTION = 0.3
@@ -562,6 +564,8 @@ def _check_arguments(n_picks, box_size, snr, junk_fraction, defocus_um, max_asti
         raise ValueError(f"max_astigmatism_um must be in [0, 2 * the lowest defocus), got {max_astigmatism_um!r}")
     if not (np.isfinite(b_factor) and b_factor >= 0):
         raise ValueError(f"b_factor must be a non-negative number of angstrom^2, got {b_factor!r}")
+    if micrograph_size is None:
+        micrograph_size = MICROGRAPH_BOXES * int(box_size)
     if int(micrograph_size) != micrograph_size or micrograph_size < 4 * box_size:
         raise ValueError(f"micrograph_size must be an integer of at least 4 box sizes ({4 * box_size} px), "
                          f"got {micrograph_size!r}")
@@ -1235,7 +1239,7 @@ def simulate_picked_stack(
     defocus_um: tuple[float, float] = DEFAULT_DEFOCUS_UM,
     max_astigmatism_um: float = DEFAULT_MAX_ASTIGMATISM_UM,
     b_factor: float = DEFAULT_B_FACTOR,
-    micrograph_size: int = DEFAULT_MICROGRAPH_SIZE,
+    micrograph_size: int | None = None,
     picks_per_micrograph: int = DEFAULT_PICKS_PER_MICROGRAPH,
     random_state=0,
     keep_micrographs: bool = False,
@@ -1271,7 +1275,7 @@ def simulate_picked_stack(
     defocus_um:     range of the per-micrograph mean defocus (U + V) / 2, micrometres, drawn uniformly.
     max_astigmatism_um: U - V is drawn uniformly in [0, max]; the astigmatism angle uniformly in [0, 180).
     b_factor:       B-factor of the CTF envelope exp(-B k^2 / 4), angstrom^2.
-    micrograph_size: side of the square micrographs, pixels.
+    micrograph_size: side of the square micrographs, pixels (None: MICROGRAPH_BOXES boxes across).
     picks_per_micrograph: picks on each micrograph (the last ones may get one fewer).
     random_state:   seed or numpy Generator; the stack depends on it alone (not on the number of threads).
     keep_micrographs: also return every micrograph with its ground truth (memory: ~6 bytes per pixel).
@@ -1286,7 +1290,8 @@ def simulate_picked_stack(
     _check_arguments(n_picks, box_size, snr, junk_fraction, defocus_um, max_astigmatism_um, b_factor,
                      micrograph_size, picks_per_micrograph)
     n_picks, box_size = int(n_picks), int(box_size)
-    micrograph_size, picks_per_micrograph = int(micrograph_size), int(picks_per_micrograph)
+    micrograph_size = MICROGRAPH_BOXES * box_size if micrograph_size is None else int(micrograph_size)
+    picks_per_micrograph = int(picks_per_micrograph)
     defocus_um = (float(defocus_um[0]), float(defocus_um[1]))
     counts = _class_counts(n_picks, junk_fraction, junk_mix)
     particles, pixel_size = _prepare_particles(volumes, voxel_sizes, volume_weights, box_size, pixel_size)
