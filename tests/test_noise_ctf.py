@@ -61,6 +61,33 @@ def test_phase_flip_turns_the_ctf_into_its_magnitude_and_twice_is_identity():
     np.testing.assert_allclose(phase_flip(flipped, [0, 1]), filtered, atol=1e-4)
 
 
+def test_ctf_signs_are_those_of_ctf_at_for_every_particle():
+    """The signs come from one product of per-particle terms with the frequency grid: the same as ctf_at's CTF for
+    astigmatic particles with a phase shift, on two microscopes, except where the CTF is 0 to float32 precision."""
+    rng = np.random.default_rng(3)
+    n, box, pixel_size = 200, 40, 1.7
+    u = rng.uniform(0.5, 3.5, n)
+    parameters = CTFParameters(u, u - rng.uniform(0, 0.4, n), rng.uniform(-90, 180, n), rng.uniform(0, 90, n),
+                               np.where(np.arange(n) % 2, 300.0, 200.0), np.where(np.arange(n) % 2, 2.7, 0.01),
+                               np.where(np.arange(n) % 2, 0.1, 0.07), pixel_size)
+    indices = rng.permutation(n)[:150]
+    signs = parameters.signs(indices, box, pixel_size)
+    ky = scipy.fft.fftfreq(box, d=pixel_size)[:, None]
+    kx = scipy.fft.rfftfreq(box, d=pixel_size)[None, :]
+
+    def column(values):
+        return np.asarray(values)[indices][:, None, None]
+
+    values = ctf_at(kx, ky, column(parameters.defocus_u_um), column(parameters.defocus_v_um),
+                    column(parameters.defocus_angle_deg), 0.0, column(parameters.voltage_kv), column(parameters.cs_mm),
+                    column(parameters.amplitude_contrast), column(parameters.phase_shift_deg))
+    assert signs.shape == values.shape == (150, box, box // 2 + 1) and signs.dtype == np.float32
+    differ = signs != np.where(values < 0, -1.0, 1.0)
+    assert np.all(np.abs(values[differ]) < 1e-4)
+    assert differ.mean() < 1e-4
+    assert (signs < 0).mean() > 0.3  # the grid reaches many Thon rings
+
+
 def _coloured_noise(n, box, rng):
     k = np.hypot(scipy.fft.fftfreq(box)[:, None], scipy.fft.rfftfreq(box)[None, :])
     power = 0.3 + 2.0 * np.exp(-(k / 0.12) ** 2)

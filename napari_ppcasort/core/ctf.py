@@ -138,17 +138,37 @@ class CTFParameters:
 
     def signs(self, indices, box: int, pixel_size: float) -> np.ndarray:
         """sign(CTF) of the particles ``indices`` on the rfft2 grid of ``box`` px images of ``pixel_size``
-        angstrom (``scipy.fft.rfft2`` layout, zero frequency at [0, 0]): (n, box, box // 2 + 1) float32 of +-1."""
+        angstrom (``scipy.fft.rfft2`` layout, zero frequency at [0, 0]): (n, box, box // 2 + 1) float32 of +-1.
+
+        The phase of ``ctf_at`` is linear in five functions of the frequency, with cos(2 (theta - angle)) =
+        cos 2theta cos 2angle + sin 2theta sin 2angle:
+        chi = pi lambda [m k^2 + h cos 2angle (kx^2 - ky^2) + h sin 2angle (2 kx ky)] - pi/2 Cs lambda^3 k^4 + c,
+        with m = (U + V) / 2, h = (U - V) / 2 and c = arcsin(A) + phase: one (n, 5) x (5, pixels) product gives
+        every particle's phase (the B-factor envelope does not change the sign).
+        """
         indices = np.asarray(indices)
-        ky = scipy.fft.fftfreq(box, d=pixel_size).astype(np.float32)[:, None]
-        kx = scipy.fft.rfftfreq(box, d=pixel_size).astype(np.float32)[None, :]
+        ky = scipy.fft.fftfreq(box, d=pixel_size)[:, None]
+        kx = scipy.fft.rfftfreq(box, d=pixel_size)[None, :]
+        squared = kx**2 + ky**2
+        grid = np.stack([squared, kx**2 - ky**2, 2 * kx * ky, squared**2, np.ones_like(squared)]).reshape(5, -1)
 
         def column(values):
-            return np.asarray(values)[indices][:, None, None]
+            return np.asarray(values, dtype=np.float64)[indices]
 
-        values = ctf_at(kx, ky, column(self.defocus_u_um), column(self.defocus_v_um),
-                        column(self.defocus_angle_deg), 0.0, column(self.voltage_kv), column(self.cs_mm),
-                        column(self.amplitude_contrast), column(self.phase_shift_deg))
+        wavelength = np.asarray(electron_wavelength_angstrom(column(self.voltage_kv)))
+        amplitude_contrast = column(self.amplitude_contrast)
+        if not np.all((amplitude_contrast >= 0) & (amplitude_contrast < 1)):
+            raise ValueError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast!r}")
+        defocus_term = np.pi * wavelength * 1e4  # per micrometre of defocus and 1/angstrom^2
+        mean = 0.5 * (column(self.defocus_u_um) + column(self.defocus_v_um))
+        half_difference = 0.5 * (column(self.defocus_u_um) - column(self.defocus_v_um))
+        angle = 2 * np.deg2rad(column(self.defocus_angle_deg))
+        terms = np.stack([defocus_term * mean, defocus_term * half_difference * np.cos(angle),
+                          defocus_term * half_difference * np.sin(angle),
+                          -0.5 * np.pi * 1e7 * column(self.cs_mm) * wavelength**3,
+                          np.arcsin(amplitude_contrast) + np.deg2rad(column(self.phase_shift_deg))], axis=1)
+        phase = (terms.astype(np.float32) @ grid.astype(np.float32)).reshape(indices.size, *squared.shape)
+        values = np.sin(phase, out=phase)
         return np.where(values < 0, np.float32(-1), np.float32(1))
 
 
