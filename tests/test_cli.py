@@ -94,6 +94,7 @@ def test_sort_writes_readable_kept_and_rejected_sets_scores_parameters_and_repor
                             iterations_per_round=2)
     assert parameters["settings"] == expected.to_dict()
     assert (parameters["n_particles"], parameters["n_kept"], parameters["rounds"]) == (1000, 902, 2)
+    assert parameters["estimated"]["sorted_box_px"] == 30 and 0 < parameters["estimated"]["mask_radius_px"] <= 14.5
     assert_png(out / "report.png")
 
 
@@ -356,7 +357,14 @@ def test_demo_keeps_a_purer_set_than_the_raw_stack_and_refuses_to_rerun_without_
         assert particles.n_particles == kept
         # the exported scores are the default model's junk log-odds: below 0 (a junk probability under 1/2)
         assert (particles.table["ppcasortScore"].to_numpy(float) < 0).all()
-    assert json.loads((out / "parameters.json").read_text())["settings"]["model"] == "contamination"
+    parameters = json.loads((out / "parameters.json").read_text())
+    assert parameters["settings"]["model"] == "contamination"
+    # the mask the sort estimated is on record, inside the 32-px box, and in angstrom (the demo's stack, not cropped,
+    # has the pixel size of its STAR file)
+    estimated = parameters["estimated"]
+    assert estimated["sorted_box_px"] == 32 and 4 < estimated["mask_radius_px"] <= 15.5
+    assert estimated["mask_radius_angstrom"] == pytest.approx(estimated["mask_radius_px"] * particles.pixel_size,
+                                                              abs=0.01)
     assert_png(out / "report.png")
 
     again = run("demo", "-o", out)
