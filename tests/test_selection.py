@@ -140,6 +140,9 @@ def test_select_recuts_without_sorting_by_count_or_threshold(picked, tmp_path, c
     recorded = json.loads((tmp_path / "median" / "parameters.json").read_text())
     assert recorded["settings"]["score_threshold"] == threshold
     assert recorded["n_kept"] == int((result.scores <= threshold).sum())
+    # what the sort measured stays on record through a re-cut
+    assert recorded["estimated"] == json.loads((tmp_path / "sorted" / "parameters.json").read_text())["estimated"]
+    assert recorded["estimated"]["mask_radius_px"] == pytest.approx(result.preprocessor.radius, abs=1e-3)
     assert main(["select", str(tmp_path / "median"), "--keep", "0", "-o", str(tmp_path / "none")]) == 2
     assert main(["select", str(tmp_path / "nothing"), "--keep", "3", "-o", str(tmp_path / "x")]) == 2
     assert "holds no results of a sort" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
             threshold = float(np.sort(scores)[args.keep - 1])
         else:
             threshold = args.score_threshold
-        recut = type(recorded)(particles=particles, settings=recorded.settings.replace(score_threshold=threshold),
-                               final=recorded.final, overrides=recorded.overrides,
-                               recorded_columns=recorded.recorded_columns)
+        recut = dataclasses.replace(recorded, particles=particles,
+                                    settings=recorded.settings.replace(score_threshold=threshold))
         with open_results_folder(args.output, particles, force=args.force,
                                  inputs=[args.results / "parameters.json", args.results / "scores.csv"]) as output:
             written = write_results(output, recut, report=False)

@@ -207,6 +207,8 @@ def _estimates(result) -> dict:
     """What the sort measured from the data, for the record (a rerun with the same settings measures the same): the
     mask radius in pixels of the images it sorted (``sorted_box_px`` across, after any crop) and, when the particle
     file gives a pixel size, in angstrom."""
+    if isinstance(result, RecordedResult):  # a cut moved after the sort: what that sort measured
+        return dict(result.estimated)
     preprocessor = result.preprocessor
     estimates = {"mask_radius_px": round(float(preprocessor.radius), 3), "sorted_box_px": int(preprocessor.output_box)}
     pixel_size = getattr(result.particles, "pixel_size", None)
@@ -294,6 +296,7 @@ class RecordedResult:
         final: the final scores (N,), removal rounds (N,), rounds, EM iterations and last log-likelihood.
         overrides: the manual overrides of the export.
         recorded_columns: every column of scores.csv by name, (N,) each.
+        estimated: what the sort measured from the data, as parameters.json records it (empty for older files).
     """
 
     particles: object
@@ -301,6 +304,7 @@ class RecordedResult:
     final: _RecordedFinal
     overrides: Overrides
     recorded_columns: dict
+    estimated: dict
 
     @property
     def scores(self) -> np.ndarray:
@@ -356,5 +360,7 @@ def read_results(folder) -> RecordedResult:
                            log_likelihood=np.array([recorded["final_log_likelihood"]], dtype=np.float64)
                            if recorded.get("final_log_likelihood") is not None else np.empty(0))
     columns = {name: table[name].to_numpy() for name in table.columns if name not in ("index", "image_name")}
+    estimated = recorded.get("estimated")
     return RecordedResult(particles=particles, settings=settings, final=final,
-                          overrides=read_overrides_file(parameters_path, n), recorded_columns=columns)
+                          overrides=read_overrides_file(parameters_path, n), recorded_columns=columns,
+                          estimated=dict(estimated) if isinstance(estimated, dict) else {})
