@@ -120,9 +120,10 @@ def spectral_noise_levels(spectra: np.ndarray, box: int) -> np.ndarray:
     ky = scipy.fft.fftfreq(box)[:, None]
     kx = scipy.fft.rfftfreq(box)[None, :]
     radius = np.hypot(kx, ky)
-    band = (radius >= NOISE_BAND[0]) & (radius <= NOISE_BAND[1])
-    power = np.abs(spectra[:, band]) ** 2 / box**2
-    return np.sqrt(np.median(power, axis=1) / np.log(2.0))
+    band = np.flatnonzero(((radius >= NOISE_BAND[0]) & (radius <= NOISE_BAND[1])).ravel())
+    values = np.take(spectra.reshape(spectra.shape[0], -1), band, axis=1)
+    power = values.real**2 + values.imag**2
+    return np.sqrt(np.median(power, axis=1) / (box**2 * np.log(2.0)))
 
 
 def estimate_particle_radius(whitened: np.ndarray, largest: float) -> float:
