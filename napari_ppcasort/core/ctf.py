@@ -83,6 +83,22 @@ def ctf_at(
     return _ctf_values(squared, defocus, voltage_kv, cs_mm, amplitude_contrast, b_factor, phase_shift_deg)
 
 
+def _phase_terms(voltage_kv, cs_mm, amplitude_contrast, phase_shift_deg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The microscope's terms of the CTF phase chi = D df k^2 - S k^4 + c (see ``ctf_at``), float64 arrays of the
+    parameters' broadcast shape: D = pi lambda (per micrometre of defocus and 1/angstrom^2), S = pi/2 Cs lambda^3
+    (per 1/angstrom^4) and c = arcsin(A) + phase (radians). ValueError for an amplitude contrast outside [0, 1) or a
+    voltage that is not positive."""
+    amplitude_contrast = np.asarray(amplitude_contrast, dtype=np.float64)
+    voltage_kv = np.asarray(voltage_kv, dtype=np.float64)
+    if not np.all((amplitude_contrast >= 0) & (amplitude_contrast < 1)):
+        raise ValueError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast!r}")
+    if not np.all(voltage_kv > 0):
+        raise ValueError(f"voltage must be positive, got {voltage_kv!r}")
+    wavelength = np.asarray(electron_wavelength_angstrom(voltage_kv))
+    return (np.pi * wavelength * 1e4, 0.5 * np.pi * 1e7 * np.asarray(cs_mm, dtype=np.float64) * wavelength**3,
+            np.arcsin(amplitude_contrast) + np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64)))
+
+
 def _ctf_values(
     squared_frequency: np.ndarray,
     defocus_um: np.ndarray,
@@ -95,21 +111,13 @@ def _ctf_values(
     """CTF (see ``ctf_at``) at squared frequencies (1/angstrom^2) and defoci (micrometres) that broadcast
     against each other and against the microscope parameters (e.g. (n, 1) defoci on (1, m) frequencies):
     float32 of the broadcast shape."""
-    amplitude_contrast = np.asarray(amplitude_contrast, dtype=np.float64)
-    voltage_kv = np.asarray(voltage_kv, dtype=np.float64)
-    if not np.all((amplitude_contrast >= 0) & (amplitude_contrast < 1)):
-        raise ValueError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast!r}")
-    if not np.all(voltage_kv > 0):
-        raise ValueError(f"voltage must be positive, got {voltage_kv!r}")
     if not (np.isfinite(b_factor) and b_factor >= 0):
         raise ValueError(f"B-factor must be a non-negative number of angstrom^2, got {b_factor!r}")
-    wavelength = np.asarray(electron_wavelength_angstrom(voltage_kv))
-    defocus_term = (np.pi * wavelength * 1e4) * np.asarray(defocus_um, dtype=np.float64)  # per 1/angstrom^2
+    defocus_scale, spherical_term, constant = _phase_terms(voltage_kv, cs_mm, amplitude_contrast, phase_shift_deg)
+    defocus_term = defocus_scale * np.asarray(defocus_um, dtype=np.float64)  # per 1/angstrom^2
     k2 = np.asarray(squared_frequency, dtype=np.float32)
-    spherical_term = (0.5 * np.pi * 1e7 * np.asarray(cs_mm, dtype=np.float64) * wavelength**3).astype(np.float32)
-    constant = (np.arcsin(amplitude_contrast) + np.deg2rad(np.asarray(phase_shift_deg, np.float64))).astype(np.float32)
     phase = defocus_term.astype(np.float32) * k2
-    phase -= spherical_term * k2**2 - constant
+    phase -= spherical_term.astype(np.float32) * k2**2 - constant.astype(np.float32)
     values = np.sin(phase, out=phase)
     if b_factor:
         values *= np.exp(np.float32(-0.25 * b_factor) * k2)
@@ -155,18 +163,13 @@ class CTFParameters:
         def column(values):
             return np.asarray(values, dtype=np.float64)[indices]
 
-        wavelength = np.asarray(electron_wavelength_angstrom(column(self.voltage_kv)))
-        amplitude_contrast = column(self.amplitude_contrast)
-        if not np.all((amplitude_contrast >= 0) & (amplitude_contrast < 1)):
-            raise ValueError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast!r}")
-        defocus_term = np.pi * wavelength * 1e4  # per micrometre of defocus and 1/angstrom^2
+        defocus_term, spherical_term, constant = _phase_terms(
+            column(self.voltage_kv), column(self.cs_mm), column(self.amplitude_contrast), column(self.phase_shift_deg))
         mean = 0.5 * (column(self.defocus_u_um) + column(self.defocus_v_um))
         half_difference = 0.5 * (column(self.defocus_u_um) - column(self.defocus_v_um))
         angle = 2 * np.deg2rad(column(self.defocus_angle_deg))
         terms = np.stack([defocus_term * mean, defocus_term * half_difference * np.cos(angle),
-                          defocus_term * half_difference * np.sin(angle),
-                          -0.5 * np.pi * 1e7 * column(self.cs_mm) * wavelength**3,
-                          np.arcsin(amplitude_contrast) + np.deg2rad(column(self.phase_shift_deg))], axis=1)
+                          defocus_term * half_difference * np.sin(angle), -spherical_term, constant], axis=1)
         phase = (terms.astype(np.float32) @ grid.astype(np.float32)).reshape(indices.size, *squared.shape)
         values = np.sin(phase, out=phase)
         return np.where(values < 0, np.float32(-1), np.float32(1))
