@@ -194,28 +194,13 @@ def write_results(output: OutputSet, result, kept_mask=None, *, report: bool = T
         "rounds": int(final.round),
         "em_iterations": int(final.n_iterations),
         "final_log_likelihood": float(final.log_likelihood[-1]) if final.log_likelihood.size else None,
-        "estimated": _estimates(result),
+        "estimated": result.estimated,
         "files": [*output.names, PARAMETERS_NAME],
     }
     path = output.path(PARAMETERS_NAME)
     _staged_write(output, lambda: _write_json(path, parameters))
     written["parameters"] = [output.final_path(PARAMETERS_NAME)]
     return written
-
-
-def _estimates(result) -> dict:
-    """What the sort measured from the data, for the record (a rerun with the same settings measures the same): the
-    mask radius in pixels of the images it sorted (``sorted_box_px`` across, after any crop) and, when the particle
-    file gives a pixel size, in angstrom."""
-    if isinstance(result, RecordedResult):  # a cut moved after the sort: what that sort measured
-        return dict(result.estimated)
-    preprocessor = result.preprocessor
-    estimates = {"mask_radius_px": round(float(preprocessor.radius), 3), "sorted_box_px": int(preprocessor.output_box)}
-    pixel_size = getattr(result.particles, "pixel_size", None)
-    if pixel_size:
-        sorted_pixel_size = pixel_size * preprocessor.box_size / preprocessor.output_box
-        estimates["mask_radius_angstrom"] = round(float(preprocessor.radius * sorted_pixel_size), 2)
-    return estimates
 
 
 def _input_text(particles, input_path) -> str | None:

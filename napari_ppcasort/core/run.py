@@ -209,6 +209,20 @@ class SortResult:
     def n_kept(self) -> int:
         return int(np.count_nonzero(self.kept_mask))
 
+    @property
+    def estimated(self) -> dict:
+        """What the sort measured from the data, for parameters.json (a rerun with the same settings measures the
+        same): the mask radius in pixels of the images it sorted (``sorted_box_px`` across, after any crop) and, when
+        the particle file gives a pixel size, in angstrom."""
+        preprocessor = self.preprocessor
+        estimates = {"mask_radius_px": round(float(preprocessor.radius), 3),
+                     "sorted_box_px": int(preprocessor.output_box)}
+        pixel_size = getattr(self.particles, "pixel_size", None)
+        if pixel_size:
+            sorted_pixel_size = pixel_size * preprocessor.box_size / preprocessor.output_box
+            estimates["mask_radius_angstrom"] = round(float(preprocessor.radius * sorted_pixel_size), 2)
+        return estimates
+
     def kept_at(self, threshold: float) -> np.ndarray:
         """(N,) bool, the particles whose final score is at most ``threshold`` (a cut moved after the sort)."""
         return self.scores <= threshold
